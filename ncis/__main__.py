@@ -1,0 +1,5 @@
+import sys
+
+from ncis.cli import main
+
+sys.exit(main())

@@ -1,0 +1,108 @@
+"""Benchmark registry and the one image loader every stage uses.
+
+Every benchmark materialises its data (in `prepare`) as ImageFolders laid out as
+`<split>/<class index>/<n>.png` (OOD sets use class 0), so the later stages read
+digits, CIFAR100, ImageNet100 and synthetic outliers through the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+from ncis.errors import UserError
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    class_names: tuple[str, ...]
+    image_size: int
+    channels: int
+    ood_sets: dict[str, str]  # name -> group ("near" | "far")
+    prepare_data: Callable  # (params, layout) -> None
+    # Where the diffusion model comes from when `diffusion.model` is empty:
+    # "tiny" = the model `prepare` trains, else a hub id / path.
+    default_diffusion: str = "CompVis/stable-diffusion-v1-4"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+BENCHMARKS: dict[str, Benchmark] = {}
+
+
+def register(benchmark: Benchmark) -> Benchmark:
+    BENCHMARKS[benchmark.name] = benchmark
+    return benchmark
+
+
+def get_benchmark(name: str) -> Benchmark:
+    _load_registry()
+    if name not in BENCHMARKS:
+        raise UserError(f"unknown benchmark {name!r}; choose one of {sorted(BENCHMARKS)}")
+    return BENCHMARKS[name]
+
+
+def _load_registry() -> None:
+    # Importing the entries registers them; kept lazy so config validation stays cheap.
+    from ncis.datasets import cifar100, digits, imagenet100  # noqa: F401
+
+
+class NumericImageFolder(ImageFolder):
+    """torchvision's ImageFolder with class folders named by index, sorted as numbers (10 after 9)."""
+
+    def find_classes(self, directory):
+        names = [p.name for p in Path(directory).iterdir() if p.is_dir() and not p.name.startswith(".")]
+        try:
+            names.sort(key=int)
+        except ValueError:
+            raise UserError(f"{directory}: class folders must be named by class index (0, 1, ...)") from None
+        return names, {name: int(name) for name in names}
+
+
+def image_folder(folder: str | Path, transform=None) -> NumericImageFolder:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is missing; run `ncis prepare` (or the stage that writes it) first")
+    return NumericImageFolder(str(folder), transform=transform)
+
+
+def load_images(folder: str | Path, channels: int | None = None, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Eagerly load a (small) ImageFolder: uint8 images [N, H, W, C] and int64 labels [N]."""
+    dataset = image_folder(folder)
+    mode = {1: "L", 3: "RGB"}.get(channels or 0)
+    images = []
+    for path, _ in dataset.samples:
+        with Image.open(path) as image:
+            image = image.convert(mode) if mode else image.copy()
+            if size and image.size != (size, size):
+                image = image.resize((size, size), Image.BILINEAR)
+            array = np.asarray(image, dtype=np.uint8)
+        images.append(array[..., None] if array.ndim == 2 else array)
+    labels = np.asarray(dataset.targets, dtype=np.int64)
+    return np.stack(images) if images else np.zeros((0, size or 0, size or 0, channels or 1), np.uint8), labels
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, C] -> float [N, C, H, W] in [0, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def write_image_folder(folder: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write uint8 [N, H, W, C] images as `<label>/<n>.png` (n counts within the class)."""
+    counts: dict[int, int] = {}
+    for image, label in zip(images, labels):
+        label = int(label)
+        n = counts.get(label, 0)
+        counts[label] = n + 1
+        (folder / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(folder / str(label) / f"{n}.png")

@@ -1,0 +1,85 @@
+"""Where every stage output lives under the outputs folder (one place, so no stage hard-codes a path)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    # prepare
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def id_train(self) -> Path:
+        return self.data / "train"
+
+    @property
+    def id_test(self) -> Path:
+        return self.data / "test"
+
+    def ood(self, name: str) -> Path:
+        return self.data / "ood" / name
+
+    @property
+    def tiny_diffusion(self) -> Path:
+        return self.root / "diffusion"
+
+    # embed
+    @property
+    def embed_dir(self) -> Path:
+        return self.root / "embed"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.embed_dir / "embeddings.npz"
+
+    # train-cvpn
+    @property
+    def cvpn(self) -> Path:
+        return self.root / "cvpn"
+
+    # sample
+    @property
+    def outliers(self) -> Path:
+        return self.root / "sample" / "outliers.npz"
+
+    # synthesize
+    @property
+    def synth_dir(self) -> Path:
+        return self.root / "synthesize"
+
+    @property
+    def synthetic_images(self) -> Path:
+        return self.synth_dir / "images"
+
+    @property
+    def preview(self) -> Path:
+        return self.synth_dir / "preview.png"
+
+    # train-classifier
+    @property
+    def classifier(self) -> Path:
+        return self.root / "classifier"
+
+    @property
+    def classifier_checkpoints(self) -> Path:
+        return self.root / "classifier_checkpoints"
+
+    # evaluate
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+
+def layout_for(params) -> Layout:
+    return Layout(Path(params.outputs))
