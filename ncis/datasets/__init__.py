@@ -60,6 +60,14 @@ def _load_registry() -> None:
 class NumericImageFolder(ImageFolder):
     """torchvision's ImageFolder with class folders named by index, sorted as numbers (10 after 9)."""
 
+    def __init__(self, root: str, transform=None):
+        super().__init__(root, transform=transform)
+        # torchvision walks folders in text order (10.png before 2.png); the order written is the
+        # order read, so "the first N images" and resumable chunks mean the same images everywhere.
+        self.samples.sort(key=lambda sample: (sample[1], _numeric_stem(sample[0])))
+        self.imgs = self.samples
+        self.targets = [label for _, label in self.samples]
+
     def find_classes(self, directory):
         names = [p.name for p in Path(directory).iterdir() if p.is_dir() and not p.name.startswith(".")]
         try:
@@ -67,6 +75,11 @@ class NumericImageFolder(ImageFolder):
         except ValueError:
             raise UserError(f"{directory}: class folders must be named by class index (0, 1, ...)") from None
         return names, {name: int(name) for name in names}
+
+
+def _numeric_stem(path: str) -> tuple:
+    stem = Path(path).stem
+    return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
 
 
 def image_folder(folder: str | Path, transform=None) -> NumericImageFolder:

@@ -1,0 +1,135 @@
+"""CIFAR-100 (ID) with the OOD sets of the Dream-OOD / NCIS CIFAR-100 benchmark.
+
+Nothing is downloaded: place the data under `data.root` (default in configs/cifar100.yaml:
+`datasets/`) as
+
+    <root>/cifar-100-python/           CIFAR-100, python version (torchvision's format)
+    <root>/svhn/test_32x32.mat         SVHN test split (torchvision's format)
+    <root>/places365/                  Places365 images (any sub-folders)
+    <root>/LSUN/                       LSUN-C (the ODIN "LSUN crop" release)
+    <root>/iSUN/                       iSUN
+    <root>/dtd/images/                 Describable Textures (DTD)
+
+`prepare` writes them as 32x32 PNG ImageFolders at the usual Layout paths. Folder OOD
+images are resized (shorter side 32) and centre-cropped, as Dream-OOD's evaluation does.
+
+All OOD sets are "far": none shares CIFAR-100's object classes (digits, scenes, textures),
+which is how OpenOOD groups them too; its near-OOD sets for CIFAR-100 (CIFAR-10,
+TinyImageNet) are not part of this benchmark.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ncis.datasets import Benchmark, register, write_image_folder
+from ncis.errors import UserError
+from ncis.io import atomic_path
+from ncis.layout import Layout
+
+# CIFAR-100's fine label names in label order (its `meta` file), hard-coded because
+# prompts need them before the data exists; `prepare` checks them against the data.
+CIFAR100_LABELS = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can "
+    "castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin "
+    "elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster "
+    "man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck "
+    "pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk "
+    "skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger "
+    "tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
+).split()
+
+IMAGE_SIZE = 32
+# name -> folder under root (svhn is read by torchvision instead)
+OOD_FOLDERS = {"places365": "places365", "lsun": "LSUN", "isun": "iSUN", "textures": "dtd/images"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def prepare_data(params, layout: Layout) -> None:
+    root = data_root(params)
+    require(root / "cifar-100-python", f"place CIFAR-100 (python version) under {root}/cifar-100-python or set data.root")
+    require(root / "svhn" / "test_32x32.mat", f"place SVHN's test_32x32.mat under {root}/svhn or set data.root")
+    folders = {name: require(root / sub, f"place the {name} OOD images under {root / sub} or set data.root") for name, sub in OOD_FOLDERS.items()}
+
+    from torchvision.datasets import CIFAR100, SVHN
+
+    with atomic_path(layout.data) as staging_data:
+        staging = Layout(staging_data.parent)  # its `data` is the staging folder (see digits.py)
+        for train, folder in ((True, staging.id_train), (False, staging.id_test)):
+            cifar = _torchvision(CIFAR100, str(root), train=train, download=False)
+            if tuple(cifar.classes) != tuple(CIFAR100_LABELS):
+                raise UserError(f"{root}/cifar-100-python: unexpected class names; is this CIFAR-100's python version?")
+            write_image_folder(folder, cifar.data, np.asarray(cifar.targets))
+        svhn = _torchvision(SVHN, str(root / "svhn"), split="test", download=False)
+        images = svhn.data.transpose(0, 2, 3, 1)  # torchvision keeps SVHN as [N, C, H, W]
+        write_image_folder(staging.ood("svhn"), images, np.zeros(len(images), np.int64))
+        for name, source in folders.items():
+            write_resized_folder(image_files(source), staging.ood(name) / "0", IMAGE_SIZE, IMAGE_SIZE)
+
+
+# --- shared with imagenet100 -------------------------------------------------------------
+
+
+def data_root(params) -> Path:
+    if not params.data.root:
+        raise UserError(f"data.root is empty; set it to the folder holding the {params.benchmark} data (--set data.root=PATH)")
+    return Path(params.data.root).expanduser()
+
+
+def require(path: Path, how: str) -> Path:
+    if not path.exists():
+        raise UserError(f"{path} is missing; {how}")
+    return path
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image under `folder`, sorted so the written order is reproducible."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"{folder} holds no images; place the dataset's image files there")
+    return files
+
+
+def write_resized_folder(files: list[Path], folder: Path, resize: int, crop: int) -> None:
+    """Write `files` as `folder/<n>.png`: shorter side resized to `resize`, centre-cropped to `crop`."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def write(job):
+        n, source = job
+        with Image.open(source) as image:
+            fit_square(image.convert("RGB"), resize, crop).save(folder / f"{n}.png")
+
+    # Decoding and encoding release the GIL, so threads use every core without pickling images.
+    with ThreadPoolExecutor() as pool:
+        list(pool.map(write, enumerate(files)))
+
+
+def fit_square(image: Image.Image, resize: int, crop: int) -> Image.Image:
+    scale = resize / min(image.size)
+    width, height = max(crop, round(image.width * scale)), max(crop, round(image.height * scale))
+    image = image.resize((width, height), Image.BILINEAR, reducing_gap=3.0)
+    left, top = (width - crop) // 2, (height - crop) // 2
+    return image.crop((left, top, left + crop, top + crop))
+
+
+def _torchvision(dataset_class, root: str, **kwargs):
+    try:
+        return dataset_class(root, **kwargs)
+    except RuntimeError as err:  # torchvision's "Dataset not found or corrupted" (missing file, md5 mismatch)
+        raise UserError(f"{root}: {err}; replace the files with the original release") from None
+
+
+CIFAR100 = register(
+    Benchmark(
+        name="cifar100",
+        class_names=tuple(label.replace("_", " ") for label in CIFAR100_LABELS),
+        image_size=IMAGE_SIZE,
+        channels=3,
+        ood_sets={"svhn": "far", "places365": "far", "lsun": "far", "isun": "far", "textures": "far"},
+        prepare_data=prepare_data,
+    )
+)

@@ -1,0 +1,206 @@
+"""The one way a diffusion model enters ncis: Stable Diffusion and the tiny digits model alike.
+
+`load_pipeline` returns a diffusers `StableDiffusionPipeline` from a hub id, a local
+diffusers folder or a single `.ckpt`/`.safetensors` file. A pipeline without a VAE
+(the tiny digits model works in pixel space) is handled by `encode_images` /
+`decode_latents` treating latents as the images themselves: one code path, not two.
+
+Per-image token vectors reach the text encoder through a forward hook on its input
+embedding module (transformers 5's `CLIPTextModel.forward` takes no `inputs_embeds`),
+so the shared embedding table is never edited in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from ncis.errors import UserError
+
+SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
+
+
+def load_pipeline(source: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """Load a text-to-image pipeline; frozen, in eval mode, on `device`."""
+    source = str(source)
+    kwargs = dict(vae=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False, dtype=dtype)
+    try:
+        if source.endswith(SINGLE_FILE_SUFFIXES):
+            if not Path(source).is_file():
+                raise UserError(f"diffusion.model: no such file {source}; point it at a .ckpt/.safetensors checkpoint")
+            pipe = StableDiffusionPipeline.from_single_file(source, **kwargs)
+        else:
+            if not Path(source).exists() and Path(source).is_absolute():
+                raise UserError(f"diffusion.model: no such folder {source}; run `ncis prepare` or fix the path")
+            pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
+    except (OSError, EnvironmentError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"diffusion.model: cannot load {source!r} ({first_line}); give a diffusers folder, a hub id available "
+            "offline (HF_HOME cache) or a single .ckpt/.safetensors file"
+        ) from None
+    if pipe.vae is None:
+        # Pixel-space model: latents are the images, so nothing is scaled.
+        pipe.vae_scale_factor = 1
+        pipe.image_processor.config.vae_scale_factor = 1
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
+        if module is not None:
+            module.requires_grad_(False).eval()
+    return pipe.to(device)
+
+
+def resolution(pipe: StableDiffusionPipeline) -> int:
+    """Image side length the model was trained at."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def image_channels(pipe: StableDiffusionPipeline) -> int:
+    return 3 if pipe.vae is not None else int(pipe.unet.config.in_channels)
+
+
+def encode_images(pipe: StableDiffusionPipeline, images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1], [B, C, H, W] at the model's resolution -> latents the UNet denoises."""
+    pixels = images * 2 - 1
+    if pipe.vae is None:
+        return pixels
+    # The posterior's mode, not a sample: an image's embedding should not depend on VAE noise.
+    posterior = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist
+    return posterior.mode() * pipe.vae.config.scaling_factor
+
+
+def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [0, 1], [B, C, H, W]."""
+    if pipe.vae is not None:
+        latents = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return ((latents.float() + 1) / 2).clamp(0, 1)
+
+
+def class_token_id(pipe: StableDiffusionPipeline, class_name: str) -> int:
+    """Id of the first token of the class name: the token NCIS inverts."""
+    ids = pipe.tokenizer(class_name, add_special_tokens=False).input_ids
+    if not ids:
+        raise UserError(f"class name {class_name!r} tokenizes to nothing; fix the benchmark's class names")
+    return ids[0]
+
+
+def tokenize_prompts(pipe: StableDiffusionPipeline, template: str, class_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, L] of `template.format(name)` and the position of each class token [B]."""
+    if "{}" not in template:
+        raise UserError(f"prompt {template!r} has no '{{}}' where the class name goes; e.g. 'An image of a {{}}'")
+    prompts = [template.format(name) for name in class_names]
+    tokens = pipe.tokenizer(
+        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    ids = tokens.input_ids
+    positions = []
+    for row, name in zip(ids.tolist(), class_names):
+        target = class_token_id(pipe, name)
+        prefix = template.split("{}")[0]
+        # The class token follows the template's prefix (+1 for the start token).
+        position = len(pipe.tokenizer(prefix, add_special_tokens=False).input_ids) + 1
+        if position >= len(row) or row[position] != target:
+            position = row.index(target) if target in row else -1
+        if position < 0:
+            raise UserError(f"class token of {name!r} not found in the tokenized prompt {template!r}; shorten the prompt")
+        positions.append(position)
+    return ids, torch.tensor(positions)
+
+
+def token_embedding_table(pipe: StableDiffusionPipeline) -> torch.nn.Embedding:
+    return pipe.text_encoder.get_input_embeddings()
+
+
+@contextlib.contextmanager
+def substituted_tokens(text_encoder, positions: torch.Tensor, vectors: torch.Tensor):
+    """Within the block, row b's token at `positions[b]` is embedded as `vectors[b]` (gradients flow)."""
+
+    def replace(module, inputs, output):
+        output = output.clone()
+        rows = torch.arange(output.shape[0], device=output.device)
+        output[rows, positions.to(output.device)] = vectors.to(output.device, output.dtype)
+        return output
+
+    handle = text_encoder.get_input_embeddings().register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def encode_text(pipe: StableDiffusionPipeline, ids: torch.Tensor, positions: torch.Tensor | None = None, vectors: torch.Tensor | None = None) -> torch.Tensor:
+    """Text-encoder hidden states [B, L, W], optionally with per-row class-token vectors substituted."""
+    ids = ids.to(pipe.text_encoder.device)
+    if vectors is None:
+        return pipe.text_encoder(ids)[0]
+    with substituted_tokens(pipe.text_encoder, positions, vectors):
+        return pipe.text_encoder(ids)[0]
+
+
+def empty_prompt_embeds(pipe: StableDiffusionPipeline, batch: int) -> torch.Tensor:
+    ids = pipe.tokenizer([""] * batch, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    return encode_text(pipe, ids)
+
+
+def make_scheduler(pipe: StableDiffusionPipeline, name: str):
+    """A diffusers scheduler by class name, configured like the model's own (PNDM = PLMS)."""
+    import diffusers
+
+    scheduler_class = getattr(diffusers, name, None)
+    if scheduler_class is None or not hasattr(scheduler_class, "from_config") or "Scheduler" not in name:
+        raise UserError(f"synthesize.scheduler: {name!r} is not a diffusers scheduler; e.g. PNDMScheduler, DDIMScheduler")
+    extra = {"skip_prk_steps": True} if name == "PNDMScheduler" else {}
+    return scheduler_class.from_config(pipe.scheduler.config, **extra)
+
+
+def initial_latents(pipe: StableDiffusionPipeline, generators: list[torch.Generator]) -> torch.Tensor:
+    """Starting noise, one generator per image: an image's noise does not depend on its batch."""
+    channels, side = int(pipe.unet.config.in_channels), int(pipe.unet.config.sample_size)
+    return torch.stack([torch.randn((channels, side, side), generator=g) for g in generators])
+
+
+@torch.no_grad()
+def generate(
+    pipe: StableDiffusionPipeline,
+    prompt_embeds: torch.Tensor,
+    steps: int,
+    guidance_scale: float,
+    latents: torch.Tensor,
+    scheduler_name: str = "PNDMScheduler",
+) -> torch.Tensor:
+    """Images in [0, 1] [B, C, H, W] from prompt embeddings and starting noise, guided against the empty prompt."""
+    pipe.scheduler = make_scheduler(pipe, scheduler_name)
+    side = resolution(pipe)
+    latents = pipe(
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=empty_prompt_embeds(pipe, prompt_embeds.shape[0]),
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        height=side,
+        width=side,
+        latents=latents.to(pipe.device, prompt_embeds.dtype),
+        output_type="latent",
+    ).images
+    return decode_latents(pipe, latents)
+
+def model_source(params) -> str:
+    """`diffusion.model` if set, else the benchmark's default (digits: the tiny model `prepare` trains)."""
+    from ncis.datasets import get_benchmark
+    from ncis.layout import layout_for
+
+    if params.diffusion.model:
+        return params.diffusion.model
+    default = get_benchmark(params.benchmark).default_diffusion
+    if default == "tiny":
+        folder = layout_for(params).tiny_diffusion
+        if not (folder / "model_index.json").exists():
+            raise UserError(f"{folder} holds no diffusion model; run `ncis prepare` first")
+        return str(folder)
+    return default
+
+
+def load_for_params(params, device: torch.device | str = "cpu") -> StableDiffusionPipeline:
+    return load_pipeline(model_source(params), device=device)

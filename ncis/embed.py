@@ -1,0 +1,175 @@
+"""Stage `embed`: textual inversion of the class token, one vector per training image.
+
+Only the class token's input embedding is optimised (text encoder, UNet and VAE are
+frozen), starting from the token's own embedding. Each image owns its vector and its
+noise stream (seeded by the image's index), and the loss is a sum of per-image means,
+so an image's result does not depend on which images share its batch.
+
+Work is saved in chunks as they finish; a stopped run resumes at the first missing chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision import transforms
+from tqdm.auto import tqdm
+
+from ncis import tracking
+from ncis.config import EmbedParams, Params
+from ncis.datasets import get_benchmark, image_folder
+from ncis.diffusion import (
+    encode_images,
+    image_channels,
+    load_for_params,
+    model_source,
+    resolution,
+    substituted_tokens,
+    token_embedding_table,
+    tokenize_prompts,
+)
+from ncis.io import load_arrays, save_arrays, write_json
+from ncis.layout import layout_for
+from ncis.runtime import resolve_device
+
+
+@dataclass
+class InversionResult:
+    vectors: torch.Tensor  # [B, D]
+    losses: torch.Tensor  # [B], mean epsilon MSE of the last step
+
+
+def image_noise_generators(seed: int, indices: list[int]) -> list[torch.Generator]:
+    """One generator per image, keyed by (seed, image index): batching cannot change an image's noise."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + index) for index in indices]
+
+
+def invert(
+    pipe,
+    latents: torch.Tensor,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    init_vectors: torch.Tensor,
+    generators: list[torch.Generator],
+    cfg: EmbedParams,
+) -> InversionResult:
+    """Optimise one class-token vector per image (rows of `latents`) with Adam on the epsilon MSE."""
+    device = latents.device
+    batch, draws = latents.shape[0], cfg.noise_draws
+    vectors = init_vectors.detach().clone().float().to(device).requires_grad_(True)
+    optimizer = torch.optim.Adam([vectors], lr=cfg.lr)
+    scheduler = pipe.scheduler
+    latents_per_draw = latents.repeat_interleave(draws, dim=0)
+    for _ in range(cfg.steps):
+        noise = torch.stack([torch.randn((draws, *latents.shape[1:]), generator=g) for g in generators]).to(device)
+        timesteps = torch.stack(
+            [torch.randint(0, cfg.timestep_count, (draws,), generator=g) * cfg.timestep_stride + 1 for g in generators]
+        ).to(device)
+        noise, timesteps = noise.flatten(0, 1), timesteps.flatten()
+        noisy = scheduler.add_noise(latents_per_draw, noise, timesteps)
+        with substituted_tokens(pipe.text_encoder, positions, vectors):
+            hidden = pipe.text_encoder(ids.to(device))[0]
+        prediction = pipe.unet(noisy, timesteps, encoder_hidden_states=hidden.repeat_interleave(draws, dim=0)).sample
+        per_image = (prediction.float() - noise.float()).pow(2).flatten(1).mean(1).view(batch, draws).mean(1)
+        optimizer.zero_grad(set_to_none=True)
+        # A sum keeps each image's gradient independent of the batch size.
+        per_image.sum().backward()
+        optimizer.step()
+    return InversionResult(vectors.detach().cpu(), per_image.detach().cpu())
+
+
+def _fingerprint(params: Params) -> str:
+    """Chunks are reused only for the same inputs and settings."""
+    key = json.dumps(
+        {"embed": params.embed.model_dump(), "model": model_source(params), "seed": params.seed, "benchmark": params.benchmark},
+        sort_keys=True,
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def main(params: Params) -> dict:
+    cfg = params.embed
+    layout = layout_for(params)
+    benchmark = get_benchmark(params.benchmark)
+    device = resolve_device(params.device)
+    pipe = load_for_params(params, device)
+    side = resolution(pipe)
+    mode = "RGB" if image_channels(pipe) == 3 else "L"
+    dataset = image_folder(
+        layout.id_train,
+        transform=transforms.Compose(
+            [transforms.Lambda(lambda im: im.convert(mode)), transforms.Resize(side), transforms.CenterCrop(side), transforms.ToTensor()]
+        ),
+    )
+    count = min(len(dataset), cfg.image_limit) if cfg.image_limit else len(dataset)
+    labels_all = np.asarray(dataset.targets[:count], dtype=np.int64)
+    class_names = list(benchmark.class_names)
+    ids_per_class, positions_per_class = tokenize_prompts(pipe, cfg.prompt, class_names)
+    table = token_embedding_table(pipe).weight.detach().cpu()
+    class_tokens = table[ids_per_class[torch.arange(len(class_names)), positions_per_class]]
+
+    chunks = layout.embed_dir / "chunks"
+    fingerprint = _fingerprint(params)
+    stamp = chunks / "fingerprint.txt"
+    if chunks.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
+        shutil.rmtree(chunks)  # settings changed: earlier chunks are not this run's work
+    chunks.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
+
+    starts = list(range(0, count, cfg.chunk_size))
+    progress = tqdm(total=count, desc="embed: textual inversion", unit="img")
+    for start in starts:
+        path = chunks / f"{start:08d}.npz"
+        stop = min(start + cfg.chunk_size, count)
+        if path.exists():
+            progress.update(stop - start)
+            continue
+        vectors, losses = [], []
+        for batch_start in range(start, stop, cfg.batch_size):
+            indices = list(range(batch_start, min(batch_start + cfg.batch_size, stop)))
+            images = torch.stack([dataset[i][0] for i in indices]).to(device)
+            labels = torch.from_numpy(labels_all[indices])
+            with torch.no_grad():
+                latents = encode_images(pipe, images)
+            result = invert(
+                pipe,
+                latents,
+                ids_per_class[labels],
+                positions_per_class[labels],
+                class_tokens[labels],
+                image_noise_generators(params.seed, indices),
+                cfg,
+            )
+            vectors.append(result.vectors)
+            losses.append(result.losses)
+            progress.update(len(indices))
+        save_arrays(path, embeddings=torch.cat(vectors).numpy().astype(np.float32), losses=torch.cat(losses).numpy())
+    progress.close()
+
+    parts = [load_arrays(chunks / f"{start:08d}.npz") for start in starts]
+    embeddings = np.concatenate([p["embeddings"] for p in parts])
+    losses = np.concatenate([p["losses"] for p in parts])
+    save_arrays(
+        layout.embeddings,
+        embeddings=embeddings,
+        labels=labels_all,
+        losses=losses,
+        class_tokens=class_tokens.numpy().astype(np.float32),
+    )
+    shift = np.linalg.norm(embeddings - class_tokens.numpy()[labels_all], axis=1)
+    summary = {
+        "images": int(count),
+        "dim": int(embeddings.shape[1]),
+        "final_loss_mean": float(losses.mean()),
+        "shift_from_class_token_mean": float(shift.mean()),
+        "class_token_norm_mean": float(np.linalg.norm(class_tokens.numpy(), axis=1).mean()),
+    }
+    write_json(layout.embed_dir / "summary.json", summary)
+    tracking.log_metrics({f"embed/{k}": v for k, v in summary.items()})
+    print(f"embed: {count} embeddings of dimension {embeddings.shape[1]} written to {layout.embeddings}")
+    return summary

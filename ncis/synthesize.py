@@ -1,0 +1,133 @@
+"""Stage `synthesize`: outlier images from outlier embeddings.
+
+The prompt "A high-quality image of the <class>" is encoded with the class token's
+input embedding replaced by an outlier embedding; diffusers' pipeline does the rest
+(classifier-free guidance against the empty prompt, PNDM/PLMS or any scheduler by name).
+A control pool from the class's own inverted embeddings, with the same starting noise,
+shows how far the outliers actually moved (`diagnostics.json`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+from torchvision.utils import make_grid, save_image
+from tqdm.auto import tqdm
+
+from ncis import diagnostics, tracking
+from ncis.config import Params
+from ncis.datasets import get_benchmark, image_folder, write_image_folder
+from ncis.diffusion import encode_text, generate, image_channels, initial_latents, load_for_params, tokenize_prompts
+from ncis.io import atomic_path, load_arrays, write_json
+from ncis.layout import layout_for
+from ncis.runtime import resolve_device
+
+DIAGNOSTIC_IMAGES = 5000  # ID images the diagnostic classifier is fitted on, at most
+
+
+def render(pipe, params: Params, class_names: list[str], labels: np.ndarray, vectors: np.ndarray, noise_ids: np.ndarray, desc: str) -> np.ndarray:
+    """Generate one image per (label, vector) row, its starting noise keyed by `noise_ids`; uint8 [N, S, S, C]."""
+    cfg = params.synthesize
+    if len(labels) == 0:
+        return np.zeros((0, cfg.save_size, cfg.save_size, image_channels(pipe)), np.uint8)
+    out = []
+    for start in tqdm(range(0, len(labels), cfg.batch_size), desc=desc, unit="batch"):
+        rows = slice(start, start + cfg.batch_size)
+        ids, positions = tokenize_prompts(pipe, cfg.prompt, [class_names[c] for c in labels[rows]])
+        with torch.no_grad():
+            embeds = encode_text(pipe, ids, positions, torch.from_numpy(vectors[rows]))
+        generators = [torch.Generator().manual_seed(params.seed * 1_000_003 + int(n)) for n in noise_ids[rows]]
+        images = generate(pipe, embeds, cfg.steps, cfg.guidance_scale, initial_latents(pipe, generators), cfg.scheduler)
+        out.append(_to_uint8(images, cfg.save_size))
+    return np.concatenate(out)
+
+
+def _to_uint8(images: torch.Tensor, size: int) -> np.ndarray:
+    arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    if arrays.shape[1] == size:
+        return arrays
+    resized = []
+    for array in arrays:
+        image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+        resized.append(np.asarray(image.resize((size, size), Image.BILINEAR)).reshape(size, size, -1))
+    return np.stack(resized)
+
+
+def preview_grid(real: list[np.ndarray], fake: list[np.ndarray], path, cell: int = 32) -> None:
+    """Per class one row: real ID images on the left, generated outliers on the right."""
+    rows = []
+    for real_images, fake_images in zip(real, fake):
+        rows.extend(list(real_images) + list(fake_images))
+    tensor = torch.from_numpy(np.stack(rows)).permute(0, 3, 1, 2).float() / 255
+    tensor = torch.nn.functional.interpolate(tensor, size=(cell, cell), mode="nearest")
+    save_image(make_grid(tensor, nrow=len(real[0]) + len(fake[0]), padding=2, pad_value=0.5), path)
+
+
+def _id_sample(layout, benchmark, size: int, count: int, seed: int):
+    mode = "RGB" if benchmark.channels == 3 else "L"
+    dataset = image_folder(layout.id_train, transform=transforms.Compose([transforms.Lambda(lambda im: im.convert(mode)), transforms.Resize((size, size))]))
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(len(dataset), size=min(count, len(dataset)), replace=False))
+    images = np.stack([np.asarray(dataset[i][0]).reshape(size, size, -1) for i in picked])
+    return images, np.asarray(dataset.targets)[picked]
+
+
+def main(params: Params) -> dict:
+    cfg = params.synthesize
+    layout = layout_for(params)
+    benchmark = get_benchmark(params.benchmark)
+    class_names = list(benchmark.class_names)
+    pool = load_arrays(layout.outliers)
+    outliers = pool["outliers"]  # [C, M, D]
+    classes, per_pool = outliers.shape[:2]
+    per_class = cfg.images_per_class or per_pool
+    labels = np.repeat(np.arange(classes), per_class)
+    vectors = outliers[labels, np.tile(np.arange(per_class) % per_pool, classes)]
+
+    pipe = load_for_params(params, resolve_device(params.device))
+    images = render(pipe, params, class_names, labels, vectors, np.arange(len(labels)), "synthesize: outliers")
+
+    # Control: the class's own inverted embeddings, each with the starting noise of one outlier
+    # of its class, so the pair differs only by the embedding.
+    embedded = load_arrays(layout.embeddings)
+    rng = np.random.default_rng(params.seed)
+    control_count = min(cfg.control_per_class, per_class)
+    paired = np.concatenate([np.arange(c * per_class, c * per_class + control_count) for c in range(classes)])
+    control_labels = labels[paired]
+    members = [np.flatnonzero(embedded["labels"] == c) for c in range(classes)]
+    control_vectors = embedded["embeddings"][[rng.choice(members[c]) for c in control_labels]] if len(paired) else vectors[:0]
+    control = render(pipe, params, class_names, control_labels, control_vectors, paired, "synthesize: control")
+
+    side = min(cfg.save_size, 32)
+    id_images, id_labels = _id_sample(layout, benchmark, side, DIAGNOSTIC_IMAGES, params.seed)
+    small = lambda x: _to_uint8(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255, side)  # noqa: E731
+    classifier = diagnostics.fit_pixel_classifier(id_images, id_labels, params.seed)
+    report = {
+        "outlier_in_class_fraction": diagnostics.in_class_fraction(classifier, small(images), labels),
+        "control_in_class_fraction": diagnostics.in_class_fraction(classifier, small(control), control_labels),
+        "outlier_mahalanobis_ratio": diagnostics.mahalanobis_ratio(embedded["embeddings"], embedded["labels"], outliers),
+        "outlier_diversity": diagnostics.pairwise_diversity(images, labels),
+        "control_diversity": diagnostics.pairwise_diversity(control, control_labels),
+        "paired_outlier_control_distance": float(np.sqrt((((images[paired] / 255.0) - (control / 255.0)) ** 2).sum((1, 2, 3))).mean())
+        if len(paired)
+        else float("nan"),
+        "images": int(len(images)),
+    }
+
+    with atomic_path(layout.synth_dir) as folder:
+        folder.mkdir()
+        write_image_folder(folder / layout.synthetic_images.name, images, labels)
+        real = [id_images[id_labels == c][: cfg.preview_per_class] for c in range(classes)]
+        fake = [small(images[labels == c][: cfg.preview_per_class]) for c in range(classes)]
+        preview_grid(real, fake, folder / layout.preview.name)
+        write_json(folder / "diagnostics.json", report)
+    tracking.log_metrics({f"synthesize/{k}": v for k, v in report.items()})
+    tracking.log_artifact(layout.preview)
+    tracking.log_artifact(layout.synth_dir / "diagnostics.json")
+    print(
+        f"synthesize: {len(images)} outlier images in {layout.synthetic_images}; classified as their prompted class "
+        f"{report['outlier_in_class_fraction']:.0%} (control {report['control_in_class_fraction']:.0%})"
+    )
+    return report

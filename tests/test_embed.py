@@ -1,0 +1,86 @@
+"""Stage `embed`: batched textual inversion, independence from batch composition, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ncis import embed
+from ncis.config import load_params
+from ncis.datasets import write_image_folder
+from ncis.diffusion import encode_images, load_pipeline, token_embedding_table, tokenize_prompts
+from ncis.errors import UserError
+from ncis.io import load_arrays
+from ncis.layout import layout_for
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def _params(tmp_path, model_dir, *more):
+    return load_params(
+        overrides=[
+            f"outputs={tmp_path}",
+            f"diffusion.model={model_dir}",
+            "tracking.enabled=false",
+            "embed.steps=2",
+            "embed.noise_draws=4",
+            *more,
+        ]
+    )
+
+
+def _write_id_train(layout, count=12):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (count, 8, 8, 1), dtype=np.uint8)
+    write_image_folder(layout.id_train, images, np.arange(count) % 3)
+
+
+def test_an_images_vector_does_not_depend_on_its_batch(tmp_path, untrained_pipeline_dir):
+    params = _params(tmp_path, untrained_pipeline_dir)
+    pipe = load_pipeline(untrained_pipeline_dir)
+    labels = torch.tensor([0, 1, 2, 1])
+    ids, positions = tokenize_prompts(pipe, params.embed.prompt, [NAMES[c] for c in labels])
+    init = token_embedding_table(pipe).weight[ids[torch.arange(4), positions]].detach()
+    latents = encode_images(pipe, torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)))
+
+    together = embed.invert(pipe, latents, ids, positions, init, embed.image_noise_generators(0, [0, 1, 2, 3]), params.embed)
+    alone = [
+        embed.invert(pipe, latents[i : i + 1], ids[i : i + 1], positions[i : i + 1], init[i : i + 1], embed.image_noise_generators(0, [i]), params.embed)
+        for i in range(4)
+    ]
+    assert torch.allclose(together.vectors, torch.cat([a.vectors for a in alone]), atol=1e-5)
+    # The vectors moved from the token they started at, each its own way.
+    assert (together.vectors - init).norm(dim=1).min() > 0
+    assert not torch.allclose(together.vectors[1], together.vectors[3])
+
+
+def test_embed_writes_vectors_and_resumes_from_saved_chunks(tmp_path, untrained_pipeline_dir):
+    params = _params(tmp_path, untrained_pipeline_dir, "embed.chunk_size=5", "embed.batch_size=3")
+    layout = layout_for(params)
+    _write_id_train(layout)
+    embed.main(params)
+    first = load_arrays(layout.embeddings)
+    assert first["embeddings"].shape == (12, 16) and first["embeddings"].dtype == np.float32
+    assert first["labels"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert first["class_tokens"].shape == (10, 16)
+
+    # A run stopped after its first chunk: the finished chunk is kept, not recomputed.
+    chunks = sorted((layout.embed_dir / "chunks").glob("*.npz"))
+    assert len(chunks) == 3
+    kept_mtime = chunks[0].stat().st_mtime_ns
+    for chunk in chunks[1:]:
+        chunk.unlink()
+    layout.embeddings.unlink()
+    embed.main(params)
+    assert chunks[0].stat().st_mtime_ns == kept_mtime
+    np.testing.assert_allclose(load_arrays(layout.embeddings)["embeddings"], first["embeddings"], atol=1e-6)
+
+    # Other settings: earlier chunks are not reused.
+    embed.main(_params(tmp_path, untrained_pipeline_dir, "embed.chunk_size=5", "embed.batch_size=3", "embed.lr=0.5"))
+    assert not np.allclose(load_arrays(layout.embeddings)["embeddings"], first["embeddings"])
+
+
+def test_embed_without_prepared_data_says_what_to_run(tmp_path, untrained_pipeline_dir):
+    with pytest.raises(UserError, match="ncis prepare"):
+        embed.main(_params(tmp_path, untrained_pipeline_dir))

@@ -1,0 +1,100 @@
+"""Stage `synthesize`: outlier images from outlier embeddings, preview grid, diagnostics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ncis import synthesize
+from ncis.config import load_params
+from ncis.datasets import get_benchmark, load_images, write_image_folder
+from ncis.diffusion import load_pipeline, tokenize_prompts, token_embedding_table
+from ncis.errors import UserError
+from ncis.io import save_arrays
+from ncis.layout import layout_for
+
+
+def _fake_run(tmp_path, model_dir, outliers_per_class=3, *more):
+    params = load_params(
+        overrides=[
+            f"outputs={tmp_path}",
+            f"diffusion.model={model_dir}",
+            "tracking.enabled=false",
+            "synthesize.steps=4",
+            "synthesize.batch_size=7",
+            "synthesize.control_per_class=2",
+            "synthesize.preview_per_class=2",
+            *more,
+        ]
+    )
+    layout = layout_for(params)
+    rng = np.random.default_rng(0)
+    write_image_folder(layout.id_train, rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8), np.arange(40) % 10)
+    dim = 16
+    labels = np.arange(40) % 10
+    save_arrays(layout.embeddings, embeddings=rng.normal(size=(40, dim)).astype(np.float32), labels=labels)
+    save_arrays(layout.outliers, outliers=rng.normal(size=(10, outliers_per_class, dim)).astype(np.float32), labels=np.arange(10))
+    return params, layout
+
+
+def test_synthesize_writes_an_image_folder_preview_and_diagnostics(tmp_path, untrained_pipeline_dir):
+    params, layout = _fake_run(tmp_path, untrained_pipeline_dir)
+    report = synthesize.main(params)
+    images, labels = load_images(layout.synthetic_images)
+    assert images.shape == (30, 8, 8, 1) and np.bincount(labels).tolist() == [3] * 10
+    assert sorted(p.name for p in (layout.synthetic_images / "9").iterdir()) == ["0.png", "1.png", "2.png"]
+    assert Image.open(layout.preview).size[0] > 4 * 32  # 2 real + 2 generated cells per row
+    saved = json.loads((layout.synth_dir / "diagnostics.json").read_text())
+    assert saved == pytest.approx(report, nan_ok=True)
+    assert 0 <= saved["outlier_in_class_fraction"] <= 1 and saved["images"] == 30
+
+
+def test_images_per_class_and_save_size(tmp_path, untrained_pipeline_dir):
+    params, layout = _fake_run(tmp_path, untrained_pipeline_dir, 2, "synthesize.images_per_class=3", "synthesize.save_size=12")
+    synthesize.main(params)
+    images, labels = load_images(layout.synthetic_images)
+    assert images.shape == (30, 12, 12, 1)
+
+
+def test_synthesize_is_seeded(tmp_path, untrained_pipeline_dir):
+    params, layout = _fake_run(tmp_path / "a", untrained_pipeline_dir)
+    synthesize.main(params)
+    again, _ = _fake_run(tmp_path / "b", untrained_pipeline_dir)
+    synthesize.main(again)
+    assert np.array_equal(load_images(layout.synthetic_images)[0], load_images(layout_for(again).synthetic_images)[0])
+
+
+def test_missing_outliers_say_which_stage_to_run(tmp_path, untrained_pipeline_dir):
+    params, layout = _fake_run(tmp_path, untrained_pipeline_dir)
+    layout.outliers.unlink()
+    with pytest.raises(UserError, match="outliers.npz is missing"):
+        synthesize.main(params)
+    assert not layout.synth_dir.exists()
+
+
+@pytest.mark.slow
+def test_embeddings_far_from_the_class_token_draw_less_of_the_class(trained_digits):
+    """The mechanism NCIS relies on: moving the class token's embedding away from the class
+    makes the generated image less like the class. Control: the class token itself."""
+    from ncis.diagnostics import fit_pixel_classifier, in_class_fraction
+    from ncis.synthesize import render
+
+    params, layout = trained_digits
+    pipe = load_pipeline(layout.tiny_diffusion)
+    names = list(get_benchmark("digits").class_names)
+    ids, positions = tokenize_prompts(pipe, params.synthesize.prompt, names)
+    tokens = token_embedding_table(pipe).weight[ids[np.arange(10), positions]].detach().numpy()
+    labels = np.repeat(np.arange(10), 10)
+    rng = np.random.default_rng(0)
+    scale = np.linalg.norm(tokens, axis=1).mean()
+    far = tokens[labels] + rng.normal(size=(len(labels), tokens.shape[1])).astype(np.float32) * scale
+    noise_ids = np.arange(len(labels))
+    own = render(pipe, params, names, labels, tokens[labels], noise_ids, "own")
+    moved = render(pipe, params, names, labels, far, noise_ids, "moved")
+    train_x, train_y = load_images(layout.id_train, channels=1)
+    classifier = fit_pixel_classifier(train_x, train_y)
+    own_fraction, moved_fraction = in_class_fraction(classifier, own, labels), in_class_fraction(classifier, moved, labels)
+    assert moved_fraction < own_fraction - 0.1, (own_fraction, moved_fraction)
