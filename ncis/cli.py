@@ -62,8 +62,28 @@ def stage_function(name: str):
     return module.main
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """`parse_args`, plus `--section.key VALUE` taken as `--set section.key=VALUE`: the form in which
+    `mlflow run -P section.key=VALUE` passes a parameter its MLproject entry point does not declare."""
+    from ncis.config import Params
+
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    while rest:
+        token = rest.pop(0)
+        key, has_value, value = token.removeprefix("--").partition("=")
+        if not token.startswith("--") or key.split(".")[0] not in Params.model_fields or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {token}")
+        if not has_value:
+            if not rest:
+                parser.error(f"argument {token}: expected a value")
+            value = rest.pop(0)
+        args.overrides.append(f"{key}={value}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         if args.command == "compare":
             from ncis.tracking import compare

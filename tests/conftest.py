@@ -1,0 +1,127 @@
+"""Shared fixtures. Append new ones; several test files rely on these."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SERVER_START_TIMEOUT_S = 180  # a cold `mlflow server` takes ~10 s alone, far longer on a loaded machine
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real `mlflow server` (SQLite backend, proxied local artifact store) for the session; yields its URI.
+
+    Use the `tracking_uri` fixture to point a test's runs at it.
+    """
+    import requests
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = open(root / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT,
+        # The background job runner is not needed for tracking; it only costs start-up time.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        start_new_session=True,  # its own process group: the uvicorn child goes down with it
+    )
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"mlflow server exited ({server.returncode}):\n{_tail(root / 'server.log')}")
+            try:
+                if requests.get(uri + "/health", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not up after {SERVER_START_TIMEOUT_S} s:\n{_tail(root / 'server.log')}")
+            time.sleep(0.2)
+        yield uri
+    finally:
+        _stop(server)
+        log.close()
+
+
+@pytest.fixture
+def tracking_uri(mlflow_server, monkeypatch) -> str:
+    """Point MLflow at the session's server for one test (and forget any project run id)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    return mlflow_server
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, then SIGKILL whatever of it is left (bounded wait)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+# --- tiny diffusion models ---------------------------------------------------------------------
+
+TINY_MODEL = [
+    "diffusion.unet_channels=[8, 16]",
+    "diffusion.text_width=16",
+]
+
+
+@pytest.fixture(scope="session")
+def untrained_pipeline_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny pipeline saved in diffusers' layout (plumbing tests only)."""
+    from ncis.config import load_params
+    from ncis.datasets import get_benchmark
+    from ncis.tiny_diffusion import build_pipeline
+
+    folder = tmp_path_factory.mktemp("untrained") / "diffusion"
+    params = load_params(overrides=TINY_MODEL)
+    names = list(get_benchmark("digits").class_names)
+    pipe = build_pipeline(params, names, [params.embed.prompt, params.synthesize.prompt], folder)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+QUALITY_TRAINING = ["diffusion.train_steps=600", "diffusion.train_batch_size=64"]
+
+
+@pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory):
+    """`ncis prepare` on digits with a shortened training: (params, layout) of a real trained model."""
+    from ncis import prepare
+    from ncis.config import load_params
+    from ncis.layout import layout_for
+
+    root = tmp_path_factory.mktemp("trained")
+    params = load_params(overrides=[f"outputs={root}", "tracking.enabled=false", *QUALITY_TRAINING])
+    prepare.main(params)
+    return params, layout_for(params)
