@@ -36,12 +36,12 @@ class DiffusionParams(Section):
         "(digits: the tiny model `prepare` trains)",
     )
     # Training of the tiny digits model (read by `prepare`).
-    train_steps: int = Field(3000, ge=1)
-    train_batch_size: int = Field(128, ge=1)
+    train_steps: int = Field(2000, ge=1)
+    train_batch_size: int = Field(64, ge=1)
     train_lr: float = Field(2e-3, gt=0)
     cfg_dropout: float = Field(0.1, ge=0, lt=1, description="probability of training on the empty prompt")
     token_noise: float = Field(0.0, ge=0, description="std of Gaussian noise added to the class-token embedding in training")
-    unet_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
+    unet_channels: list[int] = Field(default_factory=lambda: [32, 64], min_length=1)
     text_width: int = Field(32, ge=4)
 
 
@@ -78,6 +78,7 @@ class SampleParams(Section):
     reg: float = Field(1e-5, ge=0)
     knn_k: int = Field(5, ge=1)
     knn_noise: float = Field(0.1, ge=0)
+    knn_boundary: int = Field(20, ge=1, description="knn: boundary embeddings per class that the noise is added around")
 
     @model_validator(mode="after")
     def _keep_fits(self):
@@ -95,6 +96,7 @@ class SynthesizeParams(Section):
     images_per_class: int = Field(0, ge=0, description="0 = one image per outlier embedding")
     save_size: int = Field(32, ge=1)
     preview_per_class: int = Field(8, ge=1)
+    control_per_class: int = Field(20, ge=0, description="images per class from unperturbed embeddings, for diagnostics (0 = none)")
 
 
 class ClassifierParams(Section):

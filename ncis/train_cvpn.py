@@ -1,0 +1,241 @@
+"""Stage train-cvpn: learn class-wise invariants of the token embeddings with a cVPN.
+
+Each batch takes two optimiser steps: (1) push the last k outputs (the invariants) to 0;
+(2) zero them, map back and reconstruct the input, so the invariants carry no information
+the class needs. The checkpoint with the best held-out invariant MSE is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
+
+from ncis import tracking
+from ncis.config import CvpnParams, Params
+from ncis.cvpn import CVPN, count_invariants
+from ncis.datasets import get_benchmark
+from ncis.errors import UserError
+from ncis.io import load_arrays, save_weights
+from ncis.layout import layout_for
+from ncis.runtime import resolve_device, seed_everything
+
+EVAL_CHUNK = 8192  # rows per forward pass when evaluating, to bound memory on large embedding sets
+
+
+def load_embeddings(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """`embeddings` float32 [N, D] and `labels` int64 [N], checked against the benchmark's classes."""
+    arrays = load_arrays(path)
+    missing = {"embeddings", "labels"} - arrays.keys()
+    if missing:
+        raise UserError(f"{path} lacks {sorted(missing)}; rerun `ncis embed`")
+    embeddings = arrays["embeddings"].astype(np.float32)
+    labels = arrays["labels"].astype(np.int64)
+    if embeddings.ndim != 2 or labels.shape != (len(embeddings),):
+        raise UserError(f"{path}: expected embeddings [N, D] and labels [N], got {embeddings.shape} and {labels.shape}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise UserError(f"{path}: labels outside [0, {num_classes}); were the embeddings made for another benchmark?")
+    counts = np.bincount(labels, minlength=num_classes)
+    if counts.min() < 2:
+        short = int(np.argmin(counts))
+        raise UserError(
+            f"{path}: class {short} has {counts[short]} embedding(s), at least 2 are needed per class; "
+            "embed more images (embed.image_limit=0 embeds all)"
+        )
+    return embeddings, labels
+
+
+@dataclass
+class FitResult:
+    model: CVPN
+    best_epoch: int
+    best_invariant_mse: float  # on the held-out split (the training split when there is none)
+    selected_on: str  # "holdout" | "train"
+    train_index: np.ndarray
+    holdout_index: np.ndarray
+    history: list[dict] = field(default_factory=list)  # per epoch; epoch 0 = before training
+
+
+def split_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    index = np.arange(len(labels))
+    if fraction == 0:
+        return index, index[:0]
+    try:
+        return train_test_split(index, test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError:
+        # Too few samples to put every class in both parts: a plain random split still selects fairly.
+        return train_test_split(index, test_size=fraction, random_state=seed)
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device):
+    """A step is hundreds of tiny ops: on a CPU, intra-op threads cost more in synchronisation
+    than they gain (measured 20x slower with 2 threads on a busy 2-core machine)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def evaluate(model: CVPN, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(invariant MSE, reconstruction MSE of the projection onto the invariant manifold)."""
+    invariant, reconstruction = 0.0, 0.0
+    for xs, ys in zip(x.split(EVAL_CHUNK), y.split(EVAL_CHUNK)):
+        invariant += model.invariants(model(xs, ys)).square().sum().item() / model.num_invariants
+        reconstruction += (model.project(xs, ys) - xs).square().sum().item() / model.dim
+    return invariant / len(x), reconstruction / len(x)
+
+
+def fit_cvpn(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    config: CvpnParams,
+    num_invariants: int,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> FitResult:
+    """Train a cVPN with `num_invariants` invariants; keep the epoch with the lowest held-out invariant MSE."""
+    device = torch.device(device)
+    with one_cpu_thread(device):
+        return _fit(embeddings, labels, num_classes, config, num_invariants, seed, device, progress)
+
+
+def _fit(embeddings, labels, num_classes, config, num_invariants, seed, device, progress) -> FitResult:
+    generator = torch.Generator().manual_seed(seed)
+    train_index, holdout_index = split_holdout(labels, config.holdout_fraction, seed)
+    x = torch.as_tensor(embeddings, dtype=torch.float32, device=device)
+    y = torch.as_tensor(labels, dtype=torch.long, device=device)
+    x_train, y_train = x[train_index], y[train_index]
+    selected_on = "holdout" if len(holdout_index) else "train"
+    x_select, y_select = (x[holdout_index], y[holdout_index]) if len(holdout_index) else (x_train, y_train)
+
+    torch.manual_seed(seed)  # initial weights
+    model = CVPN(
+        dim=x.shape[1],
+        num_classes=num_classes,
+        coupling_layers=config.coupling_layers,
+        hidden=config.hidden,
+        class_embedding=config.class_embedding,
+        num_invariants=num_invariants,
+        mean=x_train.mean(0).cpu() if config.preprocess == "center" else None,
+    ).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    batches_per_epoch = -(-len(train_index) // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=1.0, end_factor=config.lr_end_factor, total_iters=config.epochs * batches_per_epoch
+    )
+
+    invariant_mse, reconstruction_mse = evaluate(model, x_select, y_select)
+    history = [{"epoch": 0, f"{selected_on}_invariant_mse": invariant_mse, f"{selected_on}_reconstruction_mse": reconstruction_mse}]
+    best = (invariant_mse, 0, {k: v.clone() for k, v in model.state_dict().items()})
+    epochs = tqdm(range(1, config.epochs + 1), desc="train-cvpn", unit="epoch", disable=not progress)
+    for epoch in epochs:
+        model.train()
+        invariant_sum, reconstruction_sum = 0.0, 0.0
+        for batch in torch.randperm(len(train_index), generator=generator).to(device).split(config.batch_size):
+            xb, yb = x_train[batch], y_train[batch]
+
+            invariant_loss = model.invariants(model(xb, yb)).square().mean()
+            optimizer.zero_grad()
+            invariant_loss.backward()
+            optimizer.step()
+
+            reconstruction_loss = (model.project(xb, yb) - xb).square().mean()
+            optimizer.zero_grad()
+            reconstruction_loss.backward()
+            optimizer.step()
+            scheduler.step()
+
+            invariant_sum += invariant_loss.item() * len(batch)
+            reconstruction_sum += reconstruction_loss.item() * len(batch)
+
+        model.eval()
+        invariant_mse, reconstruction_mse = evaluate(model, x_select, y_select)
+        metrics = {
+            "invariant_loss": invariant_sum / len(train_index),
+            "reconstruction_loss": reconstruction_sum / len(train_index),
+            f"{selected_on}_invariant_mse": invariant_mse,
+            f"{selected_on}_reconstruction_mse": reconstruction_mse,
+            "lr": scheduler.get_last_lr()[0],
+        }
+        history.append({"epoch": epoch, **metrics})
+        tracking.log_metrics(metrics, step=epoch)
+        epochs.set_postfix(inv=f"{metrics['invariant_loss']:.3g}", rec=f"{metrics['reconstruction_loss']:.3g}")
+        if invariant_mse < best[0]:
+            best = (invariant_mse, epoch, {k: v.clone() for k, v in model.state_dict().items()})
+
+    model.load_state_dict(best[2])
+    return FitResult(model.eval(), best[1], best[0], selected_on, train_index, holdout_index, history)
+
+
+def pca_reconstruction_mse(
+    embeddings: np.ndarray, labels: np.ndarray, train_index: np.ndarray, eval_index: np.ndarray, kept: int
+) -> float:
+    """Baseline for the cVPN: per-class PCA keeping `kept` dims, fit on train, MSE on the evaluation split."""
+    squared_error, count = 0.0, 0
+    for c in np.unique(labels[eval_index]):
+        train = embeddings[train_index][labels[train_index] == c]
+        points = embeddings[eval_index][labels[eval_index] == c]
+        if len(train) == 0:
+            continue
+        pca = PCA(n_components=min(kept, *train.shape)).fit(train)
+        squared_error += float(np.square(pca.inverse_transform(pca.transform(points)) - points).sum())
+        count += points.size
+    return squared_error / max(count, 1)
+
+
+def main(params: Params) -> dict:
+    layout = layout_for(params)
+    seed_everything(params.seed)
+    device = resolve_device(params.device)
+    num_classes = get_benchmark(params.benchmark).num_classes
+    embeddings, labels = load_embeddings(layout.embeddings, num_classes)
+    dim = embeddings.shape[1]
+    if dim < 2:
+        raise UserError(f"{layout.embeddings}: embeddings of dimension {dim}; a cVPN needs at least 2")
+
+    config = params.cvpn
+    num_invariants = count_invariants(embeddings, labels, config.pca_variance_percent)
+    result = fit_cvpn(embeddings, labels, num_classes, config, num_invariants, seed=params.seed, device=device)
+
+    eval_index = result.holdout_index if len(result.holdout_index) else result.train_index
+    x = torch.as_tensor(embeddings[eval_index], device=device)
+    y = torch.as_tensor(labels[eval_index], device=device)
+    _, cvpn_reconstruction = evaluate(result.model, x, y)
+    pca_reconstruction = pca_reconstruction_mse(embeddings, labels, result.train_index, eval_index, dim - num_invariants)
+
+    saved = {
+        **result.model.architecture(),
+        "preprocess": config.preprocess,
+        **({"mean": result.model.center.cpu().tolist()} if config.preprocess == "center" else {}),
+        "pca_variance_percent": config.pca_variance_percent,
+        "best_epoch": result.best_epoch,
+        "selected_on": result.selected_on,
+        "best_holdout_invariant_mse": result.best_invariant_mse,
+        "holdout_reconstruction_mse": cvpn_reconstruction,
+        "pca_reconstruction_mse": pca_reconstruction,
+        # < 1: the non-linear invariants lose less than dropping the same number of PCA dims.
+        "reconstruction_vs_pca": cvpn_reconstruction / pca_reconstruction if pca_reconstruction > 0 else None,
+    }
+    save_weights(layout.cvpn, result.model, saved)
+    tracking.log_metrics(
+        {k: saved[k] for k in ("best_holdout_invariant_mse", "holdout_reconstruction_mse", "pca_reconstruction_mse")}
+        | {"num_invariants": num_invariants}
+    )
+    tracking.log_artifact(layout.cvpn)
+    return saved

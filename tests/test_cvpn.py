@@ -1,0 +1,128 @@
+"""cVPN: exact inverse, unit Jacobian determinant, class conditioning, PCA rule for k, training, stage."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ncis.config import CvpnParams, load_params
+from ncis.cvpn import CVPN, count_invariants, load_cvpn
+from ncis.errors import UserError
+from ncis.io import save_arrays, save_weights
+from ncis.layout import layout_for
+from ncis.train_cvpn import fit_cvpn
+from ncis.train_cvpn import main as train_cvpn
+
+
+def random_cvpn(dim=6, num_classes=3, **kwargs) -> CVPN:
+    """A cVPN whose couplings are not the identity (they start as one)."""
+    torch.manual_seed(0)
+    model = CVPN(dim, num_classes, coupling_layers=3, hidden=16, class_embedding=4, **kwargs)
+    with torch.no_grad():
+        for coupling in model.couplings:
+            coupling.shift[-1].weight.normal_(0, 0.5)
+    return model
+
+
+def test_unit_jacobian_determinant():
+    model = random_cvpn().double()
+    x = torch.randn(6, dtype=torch.float64)
+    for label in range(3):
+        jacobian = torch.autograd.functional.jacobian(lambda v: model(v, label), x)
+        assert torch.linalg.det(jacobian).abs().item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_exact_inverse_both_ways():
+    model = random_cvpn(mean=torch.arange(6.0))
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    with torch.no_grad():
+        torch.testing.assert_close(model.inverse(model(x, y), y), x, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(model.inverse(x, y), y), x, atol=1e-5, rtol=1e-5)
+
+
+def test_class_changes_the_mapping():
+    model = random_cvpn()
+    x = torch.randn(8, 6)
+    with torch.no_grad():
+        assert (model(x, 0) - model(x, 1)).abs().max() > 1e-3
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = random_cvpn(num_invariants=2, mean=torch.ones(6))
+    save_weights(tmp_path / "cvpn", model, model.architecture())
+    loaded = load_cvpn(tmp_path / "cvpn")
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, 2), model(x, 2))
+    assert loaded.num_invariants == 2
+
+
+def test_invariant_count_from_pca_of_known_rank():
+    rng = np.random.default_rng(0)
+    dim = 10
+
+    def low_rank(rank, n=200):
+        return rng.normal(size=(n, rank)) @ rng.normal(size=(rank, dim)) + 1e-4 * rng.normal(size=(n, dim))
+
+    embeddings = np.concatenate([low_rank(3), low_rank(5)])
+    labels = np.repeat([0, 1], 200)
+    assert count_invariants(embeddings, labels, pca_variance_percent=5.0) == round(((10 - 3) + (10 - 5)) / 2)
+    # Isotropic data has no invariant direction, but at least one is always learned.
+    assert count_invariants(rng.normal(size=(400, dim)), np.zeros(400, int), pca_variance_percent=1.0) == 1
+
+
+def circles(n=200, num_classes=3, seed=0):
+    """Per class, a circle of radius 1 + class plus two free Gaussian coordinates, rotated in R^4.
+
+    The radius is a non-linear invariant; every linear direction has variance >= 0.5.
+    """
+    rng = np.random.default_rng(seed)
+    angle = rng.uniform(0, 2 * np.pi, (num_classes, n))
+    radius = (1.0 + np.arange(num_classes))[:, None]
+    circle = np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=-1)
+    points = np.concatenate([circle, rng.normal(size=(num_classes, n, 2))], axis=-1).reshape(-1, 4)
+    rotation, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    return (points @ rotation.T).astype(np.float32), np.repeat(np.arange(num_classes), n)
+
+
+def test_training_learns_a_non_linear_invariant():
+    embeddings, labels = circles()
+    config = CvpnParams(hidden=64, epochs=30, lr=3e-3, batch_size=64)
+    result = fit_cvpn(embeddings, labels, 3, config, num_invariants=1, progress=False)
+    initial = result.history[0]["holdout_invariant_mse"]
+    assert result.best_invariant_mse < 0.2 * initial
+    assert result.best_invariant_mse < 0.25  # below what any linear invariant can reach
+    assert result.history[-1]["reconstruction_loss"] < result.history[1]["reconstruction_loss"]
+
+
+def fake_embeddings(path, num_classes=10, per_class=20, dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    embeddings = rng.normal(size=(num_classes * per_class, dim)) + 10 * np.repeat(rng.normal(size=(num_classes, dim)), per_class, 0)
+    save_arrays(path, embeddings=embeddings.astype(np.float32), labels=np.repeat(np.arange(num_classes), per_class))
+
+
+def stage_params(tmp_path, *extra):
+    return load_params(
+        overrides=[f"outputs={tmp_path}", "device=cpu", "tracking.enabled=false", "cvpn.epochs=2", "cvpn.hidden=16", *extra]
+    )
+
+
+def test_stage_writes_weights_and_config(tmp_path):
+    params = stage_params(tmp_path, "cvpn.preprocess=center")
+    fake_embeddings(layout_for(params).embeddings)
+    returned = train_cvpn(params)
+    config = json.loads((layout_for(params).cvpn / "config.json").read_text())
+    assert config == json.loads(json.dumps(returned))
+    for key in ("dim", "num_classes", "coupling_layers", "hidden", "class_embedding", "num_invariants", "preprocess"):
+        assert key in config
+    assert (config["dim"], config["num_classes"], config["hidden"]) == (8, 10, 16)
+    assert 1 <= config["num_invariants"] <= 7
+    assert len(config["mean"]) == 8
+    assert config["best_holdout_invariant_mse"] >= 0 and config["reconstruction_vs_pca"] > 0
+    assert load_cvpn(layout_for(params).cvpn).center.abs().sum() > 0
+
+
+def test_stage_without_embeddings_names_the_stage_to_run(tmp_path):
+    with pytest.raises(UserError, match="embeddings.npz"):
+        train_cvpn(stage_params(tmp_path))
