@@ -1,0 +1,146 @@
+"""evaluate: ID accuracy and FPR95 / AUROC / AUPR of the trained classifier against every OOD test set.
+
+Writes metrics.json (the form ARCHITECTURE.md fixes, plus per-group averages), logs the
+same numbers to MLflow, prints a table and draws score histograms and ROC curves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure  # the object API needs no pyplot and no GUI backend
+from sklearn.metrics import roc_curve
+
+from ncis import tracking
+from ncis.classifiers import eval_transform, load_classifier, make_loader, open_images
+from ncis.datasets import get_benchmark
+from ncis.errors import UserError
+from ncis.io import atomic_path, write_json
+from ncis.layout import layout_for
+from ncis.metrics import METRIC_NAMES, accuracy, average, ood_metrics
+from ncis.runtime import resolve_device, seed_everything
+from ncis.scores import make_scorer, score_loader
+
+
+def _check_compatible(config: dict, benchmark, folder: Path) -> None:
+    expected = {"num_classes": benchmark.num_classes, "channels": benchmark.channels, "image_size": benchmark.image_size}
+    found = {key: config.get(key) for key in expected}
+    if found != expected:
+        raise UserError(
+            f"{folder} was trained for {found}, benchmark {benchmark.name!r} needs {expected}; "
+            "run `ncis train-classifier` for this benchmark first"
+        )
+
+
+def _scores(model, scorer, folder: Path, transform, batch_size: int, device, what: str) -> dict[str, np.ndarray]:
+    result = score_loader(model, scorer, make_loader(open_images(folder, transform, "prepare"), batch_size, device), device)
+    if not np.isfinite(result["scores"]).all():
+        raise UserError(f"the classifier gives non-finite scores on {what} ({folder}); retrain it (lower classifier.lr)")
+    return result
+
+
+def build_metrics(benchmark, score: str, id_accuracy: float, id_scores: np.ndarray, ood_scores: dict) -> dict:
+    ood = {name: {"group": benchmark.ood_sets[name], **ood_metrics(id_scores, scores)} for name, scores in ood_scores.items()}
+    groups = list(dict.fromkeys(entry["group"] for entry in ood.values()))  # first-seen order: near before far
+    return {
+        "benchmark": benchmark.name,
+        "score": score,
+        "id_accuracy": id_accuracy,
+        "ood": ood,
+        "average": average(ood.values()),
+        "groups": {group: average(e for e in ood.values() if e["group"] == group) for group in groups},
+    }
+
+
+def group_metrics(metrics: dict) -> dict[str, float]:
+    """Per-group averages under MLflow names beside ARCHITECTURE.md's: `fpr95/average_near`, ..."""
+    return {f"{metric}/average_{group}": entry[metric] for group, entry in metrics["groups"].items() for metric in METRIC_NAMES}
+
+
+def format_table(metrics: dict) -> str:
+    header = f"{'OOD set':<14}{'group':<7}" + "".join(f"{h:>10}" for h in ("FPR95", "AUROC", "AUPR-In", "AUPR-Out"))
+
+    def row(label: str, group: str, entry: dict) -> str:
+        return f"{label:<14}{group:<7}" + "".join(f"{100 * entry[m]:>10.2f}" for m in METRIC_NAMES)
+
+    lines = [
+        f"{metrics['benchmark']}: score {metrics['score']}, ID accuracy {100 * metrics['id_accuracy']:.2f}% (metrics in %)",
+        header,
+        "-" * len(header),
+        *(row(name, entry["group"], entry) for name, entry in metrics["ood"].items()),
+        "-" * len(header),
+        *(row(f"{group} average", "", entry) for group, entry in metrics["groups"].items()),
+        row("average", "", metrics["average"]),
+    ]
+    return "\n".join(lines)
+
+
+def write_plots(folder: Path, score: str, id_scores: np.ndarray, ood_scores: dict[str, np.ndarray], metrics: dict) -> None:
+    """One histogram per OOD set (ID vs that set) and one figure of all ROC curves."""
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        for name, scores in ood_scores.items():
+            figure = Figure(figsize=(5, 3.5), layout="constrained")
+            axes = figure.subplots()
+            bins = np.histogram_bin_edges(np.concatenate([id_scores, scores]), bins=50)
+            axes.hist(id_scores, bins=bins, alpha=0.6, density=True, label="ID test")
+            axes.hist(scores, bins=bins, alpha=0.6, density=True, label=name)
+            entry = metrics["ood"][name]
+            axes.set_title(f"{name}: AUROC {entry['auroc']:.3f}, FPR95 {entry['fpr95']:.3f}")
+            axes.set_xlabel(f"{score} score (higher = more ID)")
+            axes.set_ylabel("density")
+            axes.legend()
+            figure.savefig(tmp / f"scores_{name}.png", dpi=100)
+
+        figure = Figure(figsize=(5, 5), layout="constrained")
+        axes = figure.subplots()
+        for name, scores in ood_scores.items():
+            labels = np.concatenate([np.ones(len(id_scores)), np.zeros(len(scores))])
+            fpr, tpr, _ = roc_curve(labels, np.concatenate([id_scores, scores]))
+            axes.plot(fpr, tpr, label=f"{name} (AUROC {metrics['ood'][name]['auroc']:.3f})")
+        axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        axes.axhline(0.95, color="grey", linestyle="--", linewidth=1)
+        axes.set_xlabel("false positive rate (OOD accepted)")
+        axes.set_ylabel("true positive rate (ID accepted)")
+        axes.set_title(f"ROC, {score} score")
+        axes.legend(loc="lower right")
+        figure.savefig(tmp / "roc.png", dpi=100)
+
+
+def main(params) -> dict:
+    layout = layout_for(params)
+    benchmark = get_benchmark(params.benchmark)
+    settings = params.evaluate
+    seed_everything(params.seed)
+    device = resolve_device(params.device)
+
+    model, config = load_classifier(layout.classifier)
+    _check_compatible(config, benchmark, layout.classifier)
+    model.to(device).eval()
+    transform = eval_transform(benchmark)
+    # Check every input exists before the (possibly long) scoring starts.
+    folders = {"ID test": layout.id_test, **{name: layout.ood(name) for name in benchmark.ood_sets}}
+    for folder in folders.values():
+        open_images(folder, None, "prepare")
+
+    scorer = make_scorer(settings)
+    if scorer.needs_fit:
+        train = open_images(layout.id_train, transform, "prepare")
+        scorer.fit(model, make_loader(train, settings.batch_size, device), device)
+    id_result = _scores(model, scorer, layout.id_test, transform, settings.batch_size, device, "the ID test set")
+    ood_scores = {
+        name: _scores(model, scorer, layout.ood(name), transform, settings.batch_size, device, f"OOD set {name!r}")["scores"]
+        for name in benchmark.ood_sets
+    }
+    id_accuracy = accuracy(id_result["logits"], id_result["labels"])
+    metrics = build_metrics(benchmark, settings.score, id_accuracy, id_result["scores"], ood_scores)
+
+    write_json(layout.metrics, metrics)
+    tracking.log_evaluation(metrics)  # `fpr95/<set>`, `fpr95/average`, ..., `id_accuracy`
+    tracking.log_metrics(group_metrics(metrics))
+    print(format_table(metrics))
+    write_plots(layout.plots, settings.score, id_result["scores"], ood_scores, metrics)
+    tracking.log_artifact(layout.metrics)
+    tracking.log_artifact(layout.plots)
+    return metrics

@@ -1,0 +1,414 @@
+"""train-classifier: cross-entropy on ID images + an energy regulariser that separates ID from outliers.
+
+The regulariser is a logistic-regression head on the energy E(x) = logsumexp(logits)
+(higher = more ID): P(ID | x) = sigmoid(w * E(x) + b), trained jointly with the
+classifier on ID (label 1) and outlier (label 0) batches. `energy_head: free` lets w take
+either sign, as in the paper; `monotone` keeps w >= 0 so that P(ID) never decreases with
+energy. A free head that turns negative has learned that outliers have the HIGHER
+energy, and its gradient then pushes the classifier further that way: we warn and log it.
+
+Every epoch writes a checkpoint (safetensors + JSON, no pickle); a stopped run resumes
+from the last complete one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from ncis import tracking
+from ncis.classifiers import (
+    build_classifier,
+    eval_transform,
+    make_loader,
+    open_images,
+    outlier_transform,
+    train_transform,
+)
+from ncis.datasets import get_benchmark
+from ncis.errors import UserError
+from ncis.io import atomic_path, save_weights
+from ncis.layout import layout_for
+from ncis.metrics import auroc
+from ncis.runtime import resolve_device, seed_everything
+from ncis.scores import energy_score
+
+KEEP_CHECKPOINTS = 2  # older ones are deleted: a ResNet-34 checkpoint is ~170 MB, the paper trains 250 epochs
+NORMALISATION_IMAGES = 5000  # mean/std are estimated on at most this many ID training images
+
+
+# --- energy head --------------------------------------------------------------------------
+
+
+class ReversedEnergyHeadWarning(UserWarning):
+    """The energy head's weight is negative: it treats outliers as having the higher energy."""
+
+
+class EnergyHead(nn.Module):
+    """P(ID | energy) = sigmoid(w * energy + b); `forward` returns the logit w * energy + b."""
+
+    def __init__(self, monotone: bool):
+        super().__init__()
+        self.monotone = monotone
+        # Both modes start at w = 1, the intended direction; only the free head can leave it.
+        start = math.log(math.expm1(1.0)) if monotone else 1.0  # softplus(start) = 1
+        self.raw_weight = nn.Parameter(torch.tensor(start))
+        self.bias = nn.Parameter(torch.tensor(0.0))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return F.softplus(self.raw_weight) if self.monotone else self.raw_weight
+
+    def forward(self, energy: torch.Tensor) -> torch.Tensor:
+        return self.weight * energy + self.bias
+
+
+def energy_regulariser(head: EnergyHead, id_energy: torch.Tensor, outlier_energy: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the head: ID energies labelled 1, outlier energies 0."""
+    logits = head(torch.cat([id_energy, outlier_energy]))
+    targets = torch.cat([torch.ones_like(id_energy), torch.zeros_like(outlier_energy)])
+    return F.binary_cross_entropy_with_logits(logits, targets)
+
+
+def head_report(head: EnergyHead, id_energy: torch.Tensor, outlier_energy: torch.Tensor, epoch: int) -> dict[str, float]:
+    """The head's direction and how well energy alone separates ID from outliers; warns if reversed."""
+    weight = float(head.weight.detach())
+    reversed_ = weight < 0
+    if reversed_:
+        warnings.warn(
+            f"epoch {epoch}: energy head weight w = {weight:.3g} < 0: the head treats outliers as having HIGHER "
+            "energy than ID images (reversed); consider classifier.energy_head=monotone",
+            ReversedEnergyHeadWarning,
+            stacklevel=2,
+        )
+    return {
+        "energy_head/weight": weight,
+        "energy_head/bias": float(head.bias.detach()),
+        "energy_head/auroc": auroc(id_energy.numpy(), outlier_energy.numpy()),
+        "energy_head/reversed": float(reversed_),
+    }
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+class NoiseImages(Dataset):
+    """Ablation control: fixed noise images of the ID size, alternately Gaussian and uniform."""
+
+    def __init__(self, count: int, channels: int, size: int, seed: int):
+        self.count, self.shape, self.seed = count, (channels, size, size), seed
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        if index % 2:
+            image = torch.rand(self.shape, generator=generator)
+        else:
+            image = (0.5 + 0.5 * torch.randn(self.shape, generator=generator)).clamp_(0, 1)
+        return image, 0
+
+
+def outlier_dataset(params, layout, benchmark) -> Dataset | None:
+    settings = params.classifier
+    if settings.outliers == "none":
+        return None
+    if settings.outliers == "noise":
+        return NoiseImages(settings.max_outliers, benchmark.channels, benchmark.image_size, params.seed)
+    dataset = open_images(layout.synthetic_images, outlier_transform(benchmark), "synthesize")
+    if len(dataset) > settings.max_outliers:
+        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(params.seed))[: settings.max_outliers]
+        dataset = Subset(dataset, keep.tolist())
+    return dataset
+
+
+@torch.no_grad()
+def channel_stats(dataset: Dataset, seed: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of (a seeded subset of) the ID training images."""
+    if len(dataset) > NORMALISATION_IMAGES:
+        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:NORMALISATION_IMAGES]
+        dataset = Subset(dataset, keep.tolist())
+    total = total_sq = None
+    pixels = 0
+    for images, _ in make_loader(dataset, 256, device):
+        images = images.double()
+        sums, sums_sq = images.sum(dim=(0, 2, 3)), images.square().sum(dim=(0, 2, 3))
+        total = sums if total is None else total + sums
+        total_sq = sums_sq if total_sq is None else total_sq + sums_sq
+        pixels += images.numel() // images.shape[1]
+    mean = total / pixels
+    std = (total_sq / pixels - mean.square()).clamp_min(1e-12).sqrt().clamp_min(1e-3)  # a constant channel must not divide by 0
+    return mean.tolist(), std.tolist()
+
+
+def files_signature(folder: Path) -> str:
+    """Hash of every file's name, size and modification time: regenerated inputs change it.
+
+    Cheap enough for ImageNet-size folders (no file is read); a false change (e.g. a
+    `dvc checkout` touching files) only costs a fresh start, never a stale resume.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _cycle(loader: DataLoader):
+    while True:
+        yield from loader
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int | None):
+    """Run with `count` intra-op CPU threads (None: leave as is)."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+# --- checkpoints --------------------------------------------------------------------------
+
+
+def _checkpoint_dirs(folder: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (atomic writes: a folder exists only once whole), oldest first."""
+    found = []
+    for path in folder.glob("epoch_*") if folder.is_dir() else []:
+        if (path / "state.safetensors").exists() and (path / "state.json").exists():
+            found.append((int(path.name.split("_")[1]), path))
+    return sorted(found)
+
+
+def save_checkpoint(folder: Path, epoch: int, model, head, optimizer, scheduler, meta: dict) -> None:
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"head/{k}": v for k, v in head.state_dict().items()})
+    optim = optimizer.state_dict()
+    optim_scalars: dict[str, dict] = {}
+    for index, values in optim["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer/{index}/{key}"] = value
+            else:
+                optim_scalars.setdefault(str(index), {})[key] = value
+    meta = dict(
+        meta,
+        epoch=epoch,
+        optimizer={"param_groups": optim["param_groups"], "state": optim_scalars},
+        scheduler=scheduler.state_dict(),
+    )
+    with atomic_path(folder / f"epoch_{epoch:04d}") as tmp:
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for _, old in _checkpoint_dirs(folder)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model, head, optimizer, scheduler, device: torch.device) -> dict:
+    tensors = load_file(str(path / "state.safetensors"), device=str(device))
+    meta = json.loads((path / "state.json").read_text())
+    model.load_state_dict({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("model/")})
+    head.load_state_dict({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("head/")})
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer/"):
+            _, index, key = name.split("/", 2)
+            state.setdefault(int(index), {})[key] = value
+    for index, values in meta["optimizer"]["state"].items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    return meta
+
+
+def resume(folder: Path, fingerprint: dict, epochs: int, model, head, optimizer, scheduler, device) -> tuple[int, dict]:
+    """Load the last complete checkpoint of this same run; returns (epochs done, their last stats)."""
+    found = _checkpoint_dirs(folder)
+    if not found:
+        return 0, {}
+    epoch, path = found[-1]
+    meta = json.loads((path / "state.json").read_text())
+    if meta.get("fingerprint") != fingerprint or epoch > epochs:
+        why = "other settings or data" if meta.get("fingerprint") != fingerprint else f"{epoch} > {epochs} epochs"
+        print(f"train-classifier: {folder} holds checkpoints of another run ({why}); starting from scratch")
+        shutil.rmtree(folder)
+        return 0, {}
+    meta = load_checkpoint(path, model, head, optimizer, scheduler, device)
+    if meta["epochs"] != epochs:
+        # The cosine schedule was planned over the old length: stretch it to the new one from here on.
+        print(f"train-classifier: extending the schedule from {meta['epochs']} to {epochs} epochs")
+        scheduler.T_max = epochs * meta["steps_per_epoch"]
+    print(f"train-classifier: resuming after epoch {epoch} from {path}")
+    return epoch, meta.get("stats", {})
+
+
+# --- training -----------------------------------------------------------------------------
+
+
+def train_epoch(model, head, optimizer, scheduler, id_loader, outlier_loader, settings, device, epoch: int) -> dict:
+    model.train()
+    outliers = _cycle(outlier_loader) if outlier_loader is not None else None
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    id_energies, outlier_energies = [], []
+    progress = tqdm(id_loader, desc=f"epoch {epoch}/{settings.epochs}", leave=False, disable=None)
+    for images, labels in progress:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        count = len(images)
+        if outliers is not None:
+            # One forward pass over ID + outliers, so BatchNorm sees both (as in OE / VOS).
+            logits = model(torch.cat([images, next(outliers)[0].to(device, non_blocking=True)]))
+        else:
+            logits = model(images)
+        loss = F.cross_entropy(logits[:count], labels)
+        if outliers is not None:
+            energy = energy_score(logits)
+            loss = loss + settings.energy_weight * energy_regulariser(head, energy[:count], energy[count:])
+            id_energies.append(energy[:count].detach())  # kept on the device: no sync per step
+            outlier_energies.append(energy[count:].detach())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * count
+        correct += (logits[:count].argmax(dim=1) == labels).sum()
+        seen += count
+    stats = {
+        "train/loss": float(loss_sum) / seen,
+        "train/accuracy": float(correct) / seen,
+        "train/lr": scheduler.get_last_lr()[0],
+    }
+    if not math.isfinite(stats["train/loss"]):
+        raise UserError(f"train-classifier diverged in epoch {epoch} (loss is not finite); lower classifier.lr")
+    if id_energies:
+        stats.update(head_report(head, torch.cat(id_energies).float().cpu(), torch.cat(outlier_energies).float().cpu(), epoch))
+    return stats
+
+
+def _summary(epoch: int, epochs: int, stats: dict) -> str:
+    text = f"epoch {epoch}/{epochs}: loss {stats['train/loss']:.4f}, accuracy {stats['train/accuracy']:.3f}"
+    if "energy_head/weight" in stats:
+        text += f", head w {stats['energy_head/weight']:+.3f}, ID-vs-outlier energy AUROC {stats['energy_head/auroc']:.3f}"
+    return text
+
+
+def main(params) -> dict:
+    device = resolve_device(params.device)
+    # small_cnn's ops on 8x8 images are too small to split across threads: the extra threads
+    # only synchronise, which made training ~6x slower on a busy 2-core machine.
+    with cpu_threads(1 if device.type == "cpu" and params.classifier.arch == "small_cnn" else None):
+        return train(params, device)
+
+
+def train(params, device: torch.device) -> dict:
+    layout = layout_for(params)
+    benchmark = get_benchmark(params.benchmark)
+    settings = params.classifier
+    seed_everything(params.seed)
+
+    id_train = open_images(layout.id_train, train_transform(benchmark), "prepare")
+    outliers = outlier_dataset(params, layout, benchmark)
+    eval_images = open_images(layout.id_train, eval_transform(benchmark), "prepare")
+    mean, std = channel_stats(eval_images, params.seed, device)
+
+    model = build_classifier(settings.arch, benchmark.num_classes, benchmark.channels, mean, std).to(device)
+    head = EnergyHead(monotone=settings.energy_head == "monotone").to(device)
+    optimizer = torch.optim.SGD(
+        [*model.parameters(), *head.parameters()],
+        lr=settings.lr,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+        nesterov=settings.momentum > 0,  # torch refuses Nesterov without momentum
+    )
+    id_generator, outlier_generator = torch.Generator(), torch.Generator()
+    id_loader = make_loader(id_train, settings.batch_size, device, id_generator)
+    outlier_loader = make_loader(outliers, settings.outlier_batch_size, device, outlier_generator) if outliers is not None else None
+    steps_per_epoch = len(id_loader)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs * steps_per_epoch)
+
+    # A checkpoint is resumed only by the same run: same settings (but the number of epochs), same input files.
+    fingerprint = {
+        "benchmark": params.benchmark,
+        "seed": params.seed,
+        "classifier": {k: v for k, v in settings.model_dump().items() if k != "epochs"},
+        "id_train": files_signature(layout.id_train),
+        "outliers": files_signature(layout.synthetic_images) if settings.outliers == "ncis" else settings.outliers,
+    }
+    done, stats = resume(
+        layout.classifier_checkpoints, fingerprint, settings.epochs, model, head, optimizer, scheduler, device
+    )
+    for epoch in range(done + 1, settings.epochs + 1):
+        # Every epoch's randomness (order, augmentation, dropout) derives from (seed, epoch) alone,
+        # so a resumed run draws exactly what an uninterrupted one would have.
+        epoch_seed = _epoch_seed(params.seed, epoch)
+        seed_everything(epoch_seed)
+        id_generator.manual_seed(epoch_seed)
+        outlier_generator.manual_seed(epoch_seed + 1)
+        stats = train_epoch(model, head, optimizer, scheduler, id_loader, outlier_loader, settings, device, epoch)
+        print(_summary(epoch, settings.epochs, stats))
+        tracking.log_metrics(stats, step=epoch)
+        save_checkpoint(
+            layout.classifier_checkpoints,
+            epoch,
+            model,
+            head,
+            optimizer,
+            scheduler,
+            {
+                "fingerprint": fingerprint,
+                "epochs": settings.epochs,
+                "steps_per_epoch": steps_per_epoch,
+                "stats": stats,
+                "rng": {"scheme": "reseeded at the start of every epoch from (seed, epoch)", "seed": params.seed},
+            },
+        )
+
+    config = {
+        "arch": settings.arch,
+        "benchmark": params.benchmark,
+        "num_classes": benchmark.num_classes,
+        "channels": benchmark.channels,
+        "image_size": benchmark.image_size,
+        "mean": mean,
+        "std": std,
+        "outliers": settings.outliers,
+        "energy_head": None
+        if outliers is None
+        else {
+            "mode": settings.energy_head,
+            "energy_weight": settings.energy_weight,
+            "weight": float(head.weight.detach()),
+            "bias": float(head.bias.detach()),
+        },
+        "epochs": settings.epochs,
+        "train_stats": stats,
+    }
+    save_weights(layout.classifier, model, config)
+    tracking.log_weights(layout.classifier)
+    examples = torch.stack([eval_images[i][0] for i in range(min(2, len(eval_images)))])
+    tracking.log_classifier_model(model.eval(), examples)  # model normalises itself: it takes [0, 1] images
+    return config

@@ -1,0 +1,149 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ncis import evaluate, tracking
+from ncis.classifiers import build_classifier
+from ncis.config import params_from_dict
+from ncis.datasets import get_benchmark, write_image_folder
+from ncis.errors import UserError
+from ncis.evaluate import main
+from ncis.io import save_weights
+from ncis.layout import layout_for
+from ncis.scores import KNNScorer, MahalanobisScorer, energy_score, msp_score, odin_score, score_loader
+
+METRICS = {"fpr95", "auroc", "aupr_in", "aupr_out"}
+
+
+def tiny_params(root, score="energy"):
+    return params_from_dict({"outputs": str(root), "device": "cpu", "evaluate": {"score": score, "batch_size": 16, "knn_k": 3}})
+
+
+def make_tiny_benchmark(root, channels=1) -> None:
+    """ID train/test and every digits OOD set as tiny 8x8 ImageFolders, plus an untrained small_cnn."""
+    rng = np.random.default_rng(0)
+    layout = layout_for(tiny_params(root))
+    labels = np.arange(30) % 10
+    write_image_folder(layout.id_train, rng.integers(0, 128, (30, 8, 8, 1), dtype=np.uint8), labels)
+    write_image_folder(layout.id_test, rng.integers(0, 128, (20, 8, 8, 1), dtype=np.uint8), labels[:20])
+    for name in get_benchmark("digits").ood_sets:
+        write_image_folder(layout.ood(name), rng.integers(100, 256, (12, 8, 8, 1), dtype=np.uint8), np.zeros(12, int))
+    model = build_classifier("small_cnn", 10, channels, [0.3] * channels, [0.2] * channels)
+    config = {"arch": "small_cnn", "num_classes": 10, "channels": channels, "image_size": 8, "mean": [0.3] * channels, "std": [0.2] * channels}
+    save_weights(layout.classifier, model, config)
+
+
+class FlatFeatures(nn.Module):
+    """A 'classifier' whose penultimate features are its input, to test the feature-space scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def features(self, images):
+        return images.flatten(1)
+
+    def forward(self, images):
+        return self.fc(self.features(images))
+
+
+def test_output_scores_rank_confident_logits_above_uniform_ones():
+    logits = torch.tensor([[10.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    assert energy_score(logits).shape == (2,) and energy_score(logits)[0] > energy_score(logits)[1]
+    assert msp_score(logits)[0] > msp_score(logits)[1]
+    assert msp_score(logits)[1] == pytest.approx(1 / 3)
+
+    model = build_classifier("small_cnn", 10, 1).eval()
+    scores = odin_score(model, torch.rand(4, 1, 8, 8), temperature=1000.0, epsilon=0.0014)
+    assert scores.shape == (4,) and torch.all((scores > 0) & (scores <= 1))
+
+
+@pytest.mark.parametrize("scorer", [MahalanobisScorer(), KNNScorer(k=3)])
+def test_feature_scores_prefer_points_near_the_training_clusters(scorer):
+    generator = torch.Generator().manual_seed(0)
+    # KNN compares directions (normalised features), so the clusters and probes differ in direction.
+    centres = torch.tensor([[3.0, 0.0], [0.0, 3.0]])
+    labels = torch.arange(100) % 2
+    features = centres[labels] + 0.3 * torch.randn(100, 2, generator=generator)
+    model = FlatFeatures()
+    scorer.fit(model, DataLoader(TensorDataset(features.view(100, 2, 1, 1), labels), batch_size=32), torch.device("cpu"))
+    probes = torch.tensor([[3.0, 0.0], [0.0, 3.0], [2.0, 2.0], [-3.0, -1.0]]).view(4, 2, 1, 1)
+    result = score_loader(model, scorer, DataLoader(TensorDataset(probes, torch.zeros(4, dtype=torch.long))), torch.device("cpu"))
+    near, between, far = result["scores"][:2], result["scores"][2], result["scores"][3]
+    assert result["logits"].shape == (4, 2)
+    assert near.min() > between > far
+
+
+def _check_metrics_file(path, score) -> dict:
+    metrics = json.loads(path.read_text())
+    assert set(metrics) == {"benchmark", "score", "id_accuracy", "ood", "average", "groups"}
+    assert metrics["benchmark"] == "digits" and metrics["score"] == score
+    assert set(metrics["ood"]) == {"letters", "photos", "textures", "noise"}
+    assert metrics["ood"]["letters"]["group"] == "near" and metrics["ood"]["noise"]["group"] == "far"
+    assert list(metrics["groups"]) == ["near", "far"]
+    fractions = [metrics["id_accuracy"]]
+    for entry in [*metrics["ood"].values(), metrics["average"], *metrics["groups"].values()]:
+        assert set(entry) - {"group"} == METRICS
+        fractions += [entry[m] for m in METRICS]
+    assert all(0.0 <= value <= 1.0 for value in fractions)
+    return metrics
+
+
+def test_evaluate_writes_metrics_plots_and_logs(tmp_path, monkeypatch, capsys):
+    make_tiny_benchmark(tmp_path)
+    logged = {}
+    monkeypatch.setattr(tracking, "log_metrics", lambda metrics, step=None: logged.update(metrics))
+    params = tiny_params(tmp_path, "energy")
+    returned = main(params)
+    layout = layout_for(params)
+    metrics = _check_metrics_file(layout.metrics, "energy")
+    assert metrics == returned
+
+    for name in ("letters", "photos", "textures", "noise"):
+        for metric in METRICS:
+            assert logged[f"{metric}/{name}"] == metrics["ood"][name][metric]
+    assert logged["fpr95/average"] == metrics["average"]["fpr95"]
+    assert logged["auroc/average"] == metrics["average"]["auroc"]
+    assert logged["id_accuracy"] == metrics["id_accuracy"]
+    assert logged["fpr95/average_near"] == metrics["groups"]["near"]["fpr95"]
+
+    assert {p.name for p in layout.plots.iterdir()} == {
+        "roc.png",
+        *(f"scores_{name}.png" for name in ("letters", "photos", "textures", "noise")),
+    }
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in layout.plots.iterdir())
+    assert "FPR95" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("score", ["msp", "odin", "mahalanobis", "knn"])
+def test_every_score_gives_valid_metrics(tmp_path, monkeypatch, score):
+    make_tiny_benchmark(tmp_path)
+    monkeypatch.setattr(evaluate, "write_plots", lambda *args, **kwargs: None)  # plots are tested above
+    params = tiny_params(tmp_path, score)
+    returned = main(params)
+    assert _check_metrics_file(layout_for(params).metrics, score) == returned
+
+
+def test_missing_classifier_names_train_classifier(tmp_path):
+    with pytest.raises(UserError, match="ncis train-classifier"):
+        main(tiny_params(tmp_path))
+
+
+def test_classifier_of_another_shape_is_refused(tmp_path):
+    make_tiny_benchmark(tmp_path, channels=3)
+    with pytest.raises(UserError, match="train-classifier"):
+        main(tiny_params(tmp_path))
+
+
+def test_missing_ood_set_names_prepare(tmp_path):
+    make_tiny_benchmark(tmp_path)
+    layout = layout_for(tiny_params(tmp_path))
+    for path in sorted(layout.ood("photos").rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    layout.ood("photos").rmdir()
+    with pytest.raises(UserError, match="photos.*ncis prepare"):
+        main(tiny_params(tmp_path))
