@@ -54,7 +54,7 @@ class EmbedParams(Section):
     timestep_stride: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=1)
     chunk_size: int = Field(512, ge=1, description="images per saved chunk; an interrupted run resumes from the last chunk")
-    image_limit: int = Field(0, ge=0, description="embed only the first N training images (0 = all)")
+    image_limit: int = Field(0, ge=0, description="embed only N training images, evenly spaced over the set (0 = all)")
 
 
 class CvpnParams(Section):

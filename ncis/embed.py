@@ -106,8 +106,11 @@ def main(params: Params) -> dict:
             [transforms.Lambda(lambda im: im.convert(mode)), transforms.Resize(side), transforms.CenterCrop(side), transforms.ToTensor()]
         ),
     )
+    # image_limit: evenly spaced over the (class-sorted) set, so every class keeps its share.
     count = min(len(dataset), cfg.image_limit) if cfg.image_limit else len(dataset)
-    labels_all = np.asarray(dataset.targets[:count], dtype=np.int64)
+    picked = np.unique(np.linspace(0, len(dataset) - 1, count).round().astype(int))
+    count = len(picked)
+    labels_all = np.asarray(dataset.targets, dtype=np.int64)[picked]
     class_names = list(benchmark.class_names)
     ids_per_class, positions_per_class = tokenize_prompts(pipe, cfg.prompt, class_names)
     table = token_embedding_table(pipe).weight.detach().cpu()
@@ -132,7 +135,7 @@ def main(params: Params) -> dict:
         vectors, losses = [], []
         for batch_start in range(start, stop, cfg.batch_size):
             indices = list(range(batch_start, min(batch_start + cfg.batch_size, stop)))
-            images = torch.stack([dataset[i][0] for i in indices]).to(device)
+            images = torch.stack([dataset[picked[i]][0] for i in indices]).to(device)
             labels = torch.from_numpy(labels_all[indices])
             with torch.no_grad():
                 latents = encode_images(pipe, images)
@@ -142,7 +145,7 @@ def main(params: Params) -> dict:
                 ids_per_class[labels],
                 positions_per_class[labels],
                 class_tokens[labels],
-                image_noise_generators(params.seed, indices),
+                image_noise_generators(params.seed, picked[indices].tolist()),
                 cfg,
             )
             vectors.append(result.vectors)

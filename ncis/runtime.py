@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
@@ -23,3 +24,18 @@ def resolve_device(name: str) -> torch.device:
 
         raise UserError("device=cuda but no CUDA GPU is visible; use --set device=cpu or device=auto")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def single_cpu_thread(device: torch.device, when: bool = True):
+    """Run small models on one intra-op thread: a step of hundreds of tiny ops loses more to thread
+    synchronisation than it gains (measured many times slower with 2 threads on a busy 2-core machine)."""
+    if device.type != "cpu" or not when:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

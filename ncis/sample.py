@@ -26,8 +26,8 @@ from ncis.datasets import get_benchmark
 from ncis.errors import UserError
 from ncis.io import save_arrays
 from ncis.layout import layout_for
-from ncis.runtime import resolve_device, seed_everything
-from ncis.train_cvpn import load_embeddings, one_cpu_thread
+from ncis.runtime import resolve_device, seed_everything, single_cpu_thread
+from ncis.train_cvpn import load_embeddings
 
 
 @dataclass
@@ -106,7 +106,7 @@ def sample_outliers(
     if config.method == "cvpn" and model is None:
         raise ValueError("method 'cvpn' needs the trained cVPN")
     device = torch.device(device)
-    with one_cpu_thread(device):
+    with single_cpu_thread(device):
         per_class = [
             _sample_class(torch.as_tensor(embeddings[labels == c]), c, config, generator, model, device)
             for c in range(num_classes)

@@ -13,7 +13,6 @@ from the last complete one.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -43,7 +42,7 @@ from ncis.errors import UserError
 from ncis.io import atomic_path, save_weights
 from ncis.layout import layout_for
 from ncis.metrics import auroc
-from ncis.runtime import resolve_device, seed_everything
+from ncis.runtime import resolve_device, seed_everything, single_cpu_thread
 from ncis.scores import energy_score
 
 KEEP_CHECKPOINTS = 2  # older ones are deleted: a ResNet-34 checkpoint is ~170 MB, the paper trains 250 epochs
@@ -172,18 +171,6 @@ def files_signature(folder: Path) -> str:
 def _cycle(loader: DataLoader):
     while True:
         yield from loader
-
-
-@contextlib.contextmanager
-def cpu_threads(count: int | None):
-    """Run with `count` intra-op CPU threads (None: leave as is)."""
-    previous = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -320,7 +307,7 @@ def main(params) -> dict:
     device = resolve_device(params.device)
     # small_cnn's ops on 8x8 images are too small to split across threads: the extra threads
     # only synchronise, which made training ~6x slower on a busy 2-core machine.
-    with cpu_threads(1 if device.type == "cpu" and params.classifier.arch == "small_cnn" else None):
+    with single_cpu_thread(device, when=params.classifier.arch == "small_cnn"):
         return train(params, device)
 
 

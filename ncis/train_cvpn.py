@@ -7,7 +7,6 @@ the class needs. The checkpoint with the best held-out invariant MSE is kept.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from ncis.datasets import get_benchmark
 from ncis.errors import UserError
 from ncis.io import load_arrays, save_weights
 from ncis.layout import layout_for
-from ncis.runtime import resolve_device, seed_everything
+from ncis.runtime import resolve_device, seed_everything, single_cpu_thread
 
 EVAL_CHUNK = 8192  # rows per forward pass when evaluating, to bound memory on large embedding sets
 
@@ -73,21 +72,6 @@ def split_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
         return train_test_split(index, test_size=fraction, random_state=seed)
 
 
-@contextlib.contextmanager
-def one_cpu_thread(device: torch.device):
-    """A step is hundreds of tiny ops: on a CPU, intra-op threads cost more in synchronisation
-    than they gain (measured 20x slower with 2 threads on a busy 2-core machine)."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @torch.no_grad()
 def evaluate(model: CVPN, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """(invariant MSE, reconstruction MSE of the projection onto the invariant manifold)."""
@@ -111,7 +95,7 @@ def fit_cvpn(
 ) -> FitResult:
     """Train a cVPN with `num_invariants` invariants; keep the epoch with the lowest held-out invariant MSE."""
     device = torch.device(device)
-    with one_cpu_thread(device):
+    with single_cpu_thread(device):
         return _fit(embeddings, labels, num_classes, config, num_invariants, seed, device, progress)
 
 

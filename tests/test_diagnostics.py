@@ -1,0 +1,33 @@
+"""Outlier-pool diagnostics written by `synthesize`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ncis.datasets.digits import split_digits
+from ncis.diagnostics import fit_pixel_classifier, in_class_fraction, mahalanobis_ratio, pairwise_diversity
+
+
+def test_in_class_fraction_is_high_for_real_digits_and_low_for_noise():
+    (train_x, train_y), (test_x, test_y) = split_digits(0.25, seed=0)
+    classifier = fit_pixel_classifier(train_x, train_y)
+    assert in_class_fraction(classifier, test_x, test_y) > 0.9
+    noise = np.random.default_rng(0).integers(0, 256, test_x.shape, dtype=np.uint8)
+    assert in_class_fraction(classifier, noise, test_y) < 0.3
+
+
+def test_mahalanobis_ratio_is_one_inside_the_class_and_large_outside():
+    rng = np.random.default_rng(0)
+    members = rng.normal(size=(400, 3))
+    labels = np.zeros(400, int)
+    inside = rng.normal(size=(1, 200, 3))
+    assert 0.9 < mahalanobis_ratio(members, labels, inside) < 1.1
+    assert mahalanobis_ratio(members, labels, inside * 5) > 4
+
+
+def test_pairwise_diversity_is_zero_for_copies_and_grows_with_spread():
+    image = np.full((5, 4, 4, 1), 100, np.uint8)
+    labels = np.zeros(5, int)
+    assert pairwise_diversity(image, labels) == 0
+    spread = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 1), dtype=np.uint8)
+    assert pairwise_diversity(spread, labels) > 1
