@@ -1,0 +1,135 @@
+"""Regenerate the README's digits results table: OOD detection with each outlier source.
+
+One shared `prepare` + `embed` (the tiny diffusion model and the embeddings are fixed), then
+for every seed and variant the later stages (`train-cvpn` where needed, `sample`,
+`synthesize`, `train-classifier`, `evaluate`) run with `seed=<s>`; the table reports mean ± std
+over seeds of the average FPR95 / AUROC over the OOD sets, per-set AUROC, and ID accuracy, as
+measured. The table goes to docs/results.md and between the README's results markers.
+
+    python benchmarks/results.py                        # issue table: none, cvpn, linear, knn; 3 seeds
+    python benchmarks/results.py --variants none cvpn linear knn noise --heads free monotone
+    python benchmarks/results.py --set classifier.epochs=10   # any params.yaml override for all runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ncis.cli import stage_function
+from ncis.config import load_params
+from ncis.layout import layout_for
+
+ROOT = Path(__file__).resolve().parent.parent
+# variant -> overrides; "none" and "noise" need no synthetic images.
+VARIANTS = {
+    "none": ["classifier.outliers=none"],
+    "noise": ["classifier.outliers=noise"],
+    "cvpn": ["sample.method=cvpn", "classifier.outliers=ncis"],
+    "linear": ["sample.method=linear", "classifier.outliers=ncis"],
+    "knn": ["sample.method=knn", "classifier.outliers=ncis"],
+}
+SHARED = ("data", "diffusion", "embed")  # outputs every run reuses from the base run
+
+
+def run(stages: list[str], params) -> None:
+    for name in stages:
+        started = time.perf_counter()
+        stage_function(name)(params)
+        print(f"[results] {name} done in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def variant_run(base: Path, out: Path, overrides: list[str], variant: str) -> dict:
+    params = load_params(overrides=[*overrides, f"outputs={out}"])
+    out.mkdir(parents=True, exist_ok=True)
+    for name in SHARED:
+        if not (out / name).exists():
+            (out / name).symlink_to((base / name).resolve(), target_is_directory=True)
+    stages = ["train-classifier", "evaluate"]
+    if variant in ("cvpn", "linear", "knn"):
+        stages = (["train-cvpn"] if variant == "cvpn" else []) + ["sample", "synthesize", *stages]
+    run(stages, params)
+    report = json.loads(layout_for(params).metrics.read_text())
+    diagnostics = out / "synthesize" / "diagnostics.json"
+    if diagnostics.exists():
+        report["diagnostics"] = json.loads(diagnostics.read_text())
+    return report
+
+
+def mean_std(values: list[float], percent: bool = True) -> str:
+    scale = 100 if percent else 1
+    values = np.asarray(values, dtype=float) * scale
+    return f"{values.mean():.1f} ± {values.std(ddof=1) if len(values) > 1 else 0:.1f}"
+
+
+def table(reports: dict[tuple[str, str], list[dict]]) -> str:
+    sets = list(next(iter(reports.values()))[0]["ood"])
+    header = "| outliers | head | FPR95 ↓ | AUROC ↑ | " + " | ".join(f"AUROC {s}" for s in sets) + " | ID acc. | in-class ↓ |"
+    lines = [header, "|" + " --- |" * (header.count("|") - 1)]
+    for (variant, head), runs in reports.items():
+        in_class = [r["diagnostics"]["outlier_in_class_fraction"] for r in runs if "diagnostics" in r]
+        cells = [
+            variant,
+            head,
+            mean_std([r["average"]["fpr95"] for r in runs]),
+            mean_std([r["average"]["auroc"] for r in runs]),
+            *[mean_std([r["ood"][s]["auroc"] for r in runs]) for s in sets],
+            mean_std([r["id_accuracy"] for r in runs]),
+            mean_std(in_class) if in_class else "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=["none", "cvpn", "linear", "knn"], choices=list(VARIANTS))
+    parser.add_argument("--heads", nargs="+", default=[None], help="classifier.energy_head values (default: params.yaml's)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--outputs", default="outputs/results")
+    parser.add_argument("--readme", action="store_true", help="also replace the table in README.md")
+    args = parser.parse_args()
+
+    common = ["tracking.enabled=false", *args.overrides]
+    root = Path(args.outputs)
+    base = root / "base"
+    base_params = load_params(overrides=[*common, f"outputs={base}"])
+    if not (base / "embed" / "embeddings.npz").exists():
+        run(["prepare", "embed"], base_params)
+
+    reports: dict[tuple[str, str], list[dict]] = {}
+    for variant in args.variants:
+        for head in args.heads:
+            head_name = head or base_params.classifier.energy_head
+            for seed in args.seeds:
+                overrides = [*common, *VARIANTS[variant], f"seed={seed}"] + ([f"classifier.energy_head={head}"] if head else [])
+                out = root / f"{variant}-{head_name}-seed{seed}"
+                print(f"[results] {out.name}", flush=True)
+                reports.setdefault((variant, head_name), []).append(variant_run(base, out, overrides, variant))
+                (root / "reports.json").write_text(json.dumps({f"{v}/{h}": r for (v, h), r in reports.items()}, indent=1))
+
+    text = table(reports)
+    command = "python benchmarks/results.py " + " ".join(
+        [f"--seeds {' '.join(map(str, args.seeds))}", f"--variants {' '.join(args.variants)}"]
+        + ([f"--heads {' '.join(args.heads)}"] if args.heads != [None] else [])
+        + [f"--set {o}" for o in args.overrides]
+    )
+    body = f"Regenerate with `{command.strip()}` ({len(args.seeds)} seeds; mean ± std in %).\n\n{text}\n"
+    (ROOT / "docs").mkdir(exist_ok=True)
+    (ROOT / "docs" / "results.md").write_text("# Results on digits\n\n" + body)
+    print("\n" + body)
+    if args.readme:
+        readme = ROOT / "README.md"
+        content = readme.read_text()
+        marked = re.sub(r"(<!-- results:start -->\n).*?(<!-- results:end -->)", lambda m: m.group(1) + body + m.group(2), content, flags=re.S)
+        readme.write_text(marked)
+
+
+if __name__ == "__main__":
+    main()
