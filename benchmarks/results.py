@@ -44,15 +44,24 @@ def run(stages: list[str], params) -> None:
         print(f"[results] {name} done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def variant_run(base: Path, out: Path, overrides: list[str], variant: str) -> dict:
+def link(source: Path, out: Path, names) -> None:
+    for name in names:
+        if (source / name).exists() and not (out / name).exists():
+            (out / name).symlink_to((source / name).resolve(), target_is_directory=True)
+
+
+def variant_run(base: Path, out: Path, overrides: list[str], variant: str, outliers_from: Path | None) -> dict:
+    """Run one variant; `outliers_from` is a finished run of the same variant and seed whose
+    outliers (cVPN, samples, images) are reused, e.g. when only the energy head differs."""
     params = load_params(overrides=[*overrides, f"outputs={out}"])
     out.mkdir(parents=True, exist_ok=True)
-    for name in SHARED:
-        if not (out / name).exists():
-            (out / name).symlink_to((base / name).resolve(), target_is_directory=True)
+    link(base, out, SHARED)
     stages = ["train-classifier", "evaluate"]
     if variant in ("cvpn", "linear", "knn"):
-        stages = (["train-cvpn"] if variant == "cvpn" else []) + ["sample", "synthesize", *stages]
+        if outliers_from is not None:
+            link(outliers_from, out, ("cvpn", "sample", "synthesize"))
+        else:
+            stages = (["train-cvpn"] if variant == "cvpn" else []) + ["sample", "synthesize", *stages]
     run(stages, params)
     report = json.loads(layout_for(params).metrics.read_text())
     diagnostics = out / "synthesize" / "diagnostics.json"
@@ -93,6 +102,7 @@ def main() -> None:
     parser.add_argument("--heads", nargs="+", default=[None], help="classifier.energy_head values (default: params.yaml's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--outputs", default="outputs/results")
+    parser.add_argument("--base", default=None, help="reuse data, diffusion model and embeddings of this outputs folder")
     parser.add_argument("--readme", action="store_true", help="also replace the table in README.md")
     args = parser.parse_args()
 
@@ -100,18 +110,23 @@ def main() -> None:
     root = Path(args.outputs)
     base = root / "base"
     base_params = load_params(overrides=[*common, f"outputs={base}"])
+    if args.base:
+        base.mkdir(parents=True, exist_ok=True)
+        link(Path(args.base), base, SHARED)
     if not (base / "embed" / "embeddings.npz").exists():
         run(["prepare", "embed"], base_params)
 
     reports: dict[tuple[str, str], list[dict]] = {}
-    for variant in args.variants:
-        for head in args.heads:
-            head_name = head or base_params.classifier.energy_head
-            for seed in args.seeds:
+    for seed in args.seeds:
+        for variant in args.variants:
+            first = None
+            for head in args.heads:
+                head_name = head or base_params.classifier.energy_head
                 overrides = [*common, *VARIANTS[variant], f"seed={seed}"] + ([f"classifier.energy_head={head}"] if head else [])
                 out = root / f"{variant}-{head_name}-seed{seed}"
                 print(f"[results] {out.name}", flush=True)
-                reports.setdefault((variant, head_name), []).append(variant_run(base, out, overrides, variant))
+                reports.setdefault((variant, head_name), []).append(variant_run(base, out, overrides, variant, first))
+                first = first or out
                 (root / "reports.json").write_text(json.dumps({f"{v}/{h}": r for (v, h), r in reports.items()}, indent=1))
 
     text = table(reports)

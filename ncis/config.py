@@ -36,7 +36,7 @@ class DiffusionParams(Section):
         "(digits: the tiny model `prepare` trains)",
     )
     # Training of the tiny digits model (read by `prepare`).
-    train_steps: int = Field(2000, ge=1)
+    train_steps: int = Field(1150, ge=1)
     train_batch_size: int = Field(64, ge=1)
     train_lr: float = Field(2e-3, gt=0)
     cfg_dropout: float = Field(0.1, ge=0, lt=1, description="probability of training on the empty prompt")

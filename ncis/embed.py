@@ -14,6 +14,7 @@ import hashlib
 import json
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -84,9 +85,17 @@ def invert(
 
 
 def _fingerprint(params: Params) -> str:
-    """Chunks are reused only for the same inputs and settings."""
+    """Chunks are reused only for the same inputs and settings (a retrained local model counts as new)."""
+    source = model_source(params)
+    files = sorted(p for p in Path(source).rglob("*") if p.is_file()) if Path(source).exists() else []
     key = json.dumps(
-        {"embed": params.embed.model_dump(), "model": model_source(params), "seed": params.seed, "benchmark": params.benchmark},
+        {
+            "embed": params.embed.model_dump(),
+            "model": source,
+            "model_files": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+            "seed": params.seed,
+            "benchmark": params.benchmark,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -95,10 +95,13 @@ def write_plots(folder: Path, score: str, id_scores: np.ndarray, ood_scores: dic
 
         figure = Figure(figsize=(5, 5), layout="constrained")
         axes = figure.subplots()
+        rows = ["set,fpr,tpr"]  # the same curves as data, for `dvc plots`
         for name, scores in ood_scores.items():
             labels = np.concatenate([np.ones(len(id_scores)), np.zeros(len(scores))])
             fpr, tpr, _ = roc_curve(labels, np.concatenate([id_scores, scores]))
             axes.plot(fpr, tpr, label=f"{name} (AUROC {metrics['ood'][name]['auroc']:.3f})")
+            rows += [f"{name},{f:.6g},{t:.6g}" for f, t in zip(fpr, tpr)]
+        (tmp / "roc.csv").write_text("\n".join(rows) + "\n")
         axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
         axes.axhline(0.95, color="grey", linestyle="--", linewidth=1)
         axes.set_xlabel("false positive rate (OOD accepted)")

@@ -116,6 +116,8 @@ def main(params: Params) -> dict:
         "images": int(len(images)),
     }
 
+    # JSON has no NaN: a diagnostic that cannot be computed (e.g. no control pool) is null.
+    report = {key: None if isinstance(value, float) and not np.isfinite(value) else value for key, value in report.items()}
     with atomic_path(layout.synth_dir) as folder:
         folder.mkdir()
         write_image_folder(folder / layout.synthetic_images.name, images, labels)
@@ -123,11 +125,11 @@ def main(params: Params) -> dict:
         fake = [small(images[labels == c][: cfg.preview_per_class]) for c in range(classes)]
         preview_grid(real, fake, folder / layout.preview.name)
         write_json(folder / "diagnostics.json", report)
-    tracking.log_metrics({f"synthesize/{k}": v for k, v in report.items()})
+    tracking.log_metrics({f"synthesize/{k}": v for k, v in report.items() if v is not None})
     tracking.log_artifact(layout.preview)
     tracking.log_artifact(layout.synth_dir / "diagnostics.json")
     print(
         f"synthesize: {len(images)} outlier images in {layout.synthetic_images}; classified as their prompted class "
-        f"{report['outlier_in_class_fraction']:.0%} (control {report['control_in_class_fraction']:.0%})"
+        f"{report['outlier_in_class_fraction']:.0%} (control {report['control_in_class_fraction'] or float('nan'):.0%})"
     )
     return report
