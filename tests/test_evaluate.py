@@ -113,9 +113,12 @@ def test_evaluate_writes_metrics_plots_and_logs(tmp_path, monkeypatch, capsys):
 
     assert {p.name for p in layout.plots.iterdir()} == {
         "roc.png",
+        "roc.csv",
         *(f"scores_{name}.png" for name in ("letters", "photos", "textures", "noise")),
     }
-    assert all(p.read_bytes().startswith(b"\x89PNG") for p in layout.plots.iterdir())
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in layout.plots.glob("*.png"))
+    curves = (layout.plots / "roc.csv").read_text().splitlines()
+    assert curves[0] == "set,fpr,tpr" and {line.split(",")[0] for line in curves[1:]} == {"letters", "photos", "textures", "noise"}
     assert "FPR95" in capsys.readouterr().out
 
 
