@@ -111,7 +111,7 @@ def untrained_pipeline_dir(tmp_path_factory) -> Path:
     return folder
 
 
-QUALITY_TRAINING = ["diffusion.train_steps=600", "diffusion.train_batch_size=64"]
+QUALITY_TRAINING = ["diffusion.train_steps=900"]  # params.yaml trains 1150 steps
 
 
 @pytest.fixture(scope="session")

@@ -102,8 +102,8 @@ def test_generation_is_seeded_and_any_scheduler_can_be_named(untrained_pipeline_
 
 @pytest.mark.slow
 def test_prepared_model_draws_the_prompted_digit(trained_digits):
-    """Quality bar on the model `prepare` trains. Tests train 600 steps instead of params.yaml's
-    full run, so the bar here is 70% (the full model is held to 90% by benchmarks/prepare.py)."""
+    """Quality bar on the model `prepare` trains. Tests train 900 steps instead of params.yaml's
+    1150, so the bar here is 75% (the full model is held to 90% by benchmarks/pipeline.py)."""
     from ncis.diagnostics import fit_pixel_classifier, in_class_fraction
 
     params, layout = trained_digits
@@ -116,4 +116,4 @@ def test_prepared_model_draws_the_prompted_digit(trained_digits):
     images = generate(pipe, encode_text(pipe, ids), 50, params.synthesize.guidance_scale, latents)
     pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     accuracy = in_class_fraction(classifier, pixels, labels)
-    assert accuracy >= 0.7, f"only {accuracy:.0%} of generated digits are the prompted class"
+    assert accuracy >= 0.75, f"only {accuracy:.0%} of generated digits are the prompted class"
