@@ -20,13 +20,11 @@ TinyImageNet) are not part of this benchmark.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ncis.datasets import Benchmark, register, write_image_folder
+from ncis.datasets.files import data_root, image_files, require, write_resized_folder
 from ncis.errors import UserError
 from ncis.io import atomic_path
 from ncis.layout import Layout
@@ -46,7 +44,6 @@ CIFAR100_LABELS = (
 IMAGE_SIZE = 32
 # name -> folder under root (svhn is read by torchvision instead)
 OOD_FOLDERS = {"places365": "places365", "lsun": "LSUN", "isun": "iSUN", "textures": "dtd/images"}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def prepare_data(params, layout: Layout) -> None:
@@ -69,51 +66,6 @@ def prepare_data(params, layout: Layout) -> None:
         write_image_folder(staging.ood("svhn"), images, np.zeros(len(images), np.int64))
         for name, source in folders.items():
             write_resized_folder(image_files(source), staging.ood(name) / "0", IMAGE_SIZE, IMAGE_SIZE)
-
-
-# --- shared with imagenet100 -------------------------------------------------------------
-
-
-def data_root(params) -> Path:
-    if not params.data.root:
-        raise UserError(f"data.root is empty; set it to the folder holding the {params.benchmark} data (--set data.root=PATH)")
-    return Path(params.data.root).expanduser()
-
-
-def require(path: Path, how: str) -> Path:
-    if not path.exists():
-        raise UserError(f"{path} is missing; {how}")
-    return path
-
-
-def image_files(folder: Path) -> list[Path]:
-    """Every image under `folder`, sorted so the written order is reproducible."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise UserError(f"{folder} holds no images; place the dataset's image files there")
-    return files
-
-
-def write_resized_folder(files: list[Path], folder: Path, resize: int, crop: int) -> None:
-    """Write `files` as `folder/<n>.png`: shorter side resized to `resize`, centre-cropped to `crop`."""
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def write(job):
-        n, source = job
-        with Image.open(source) as image:
-            fit_square(image.convert("RGB"), resize, crop).save(folder / f"{n}.png")
-
-    # Decoding and encoding release the GIL, so threads use every core without pickling images.
-    with ThreadPoolExecutor() as pool:
-        list(pool.map(write, enumerate(files)))
-
-
-def fit_square(image: Image.Image, resize: int, crop: int) -> Image.Image:
-    scale = resize / min(image.size)
-    width, height = max(crop, round(image.width * scale)), max(crop, round(image.height * scale))
-    image = image.resize((width, height), Image.BILINEAR, reducing_gap=3.0)
-    left, top = (width - crop) // 2, (height - crop) // 2
-    return image.crop((left, top, left + crop, top + crop))
 
 
 def _torchvision(dataset_class, root: str, **kwargs):

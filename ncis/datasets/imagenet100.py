@@ -26,7 +26,7 @@ several ID classes (library, church, barn, movie theater, castle, dam, ...); iNa
 from __future__ import annotations
 
 from ncis.datasets import Benchmark, register
-from ncis.datasets.cifar100 import data_root, image_files, require, write_resized_folder
+from ncis.datasets.files import data_root, image_files, require, write_resized_folder
 from ncis.errors import UserError
 from ncis.io import atomic_path
 from ncis.layout import Layout
