@@ -1,0 +1,59 @@
+"""Score every classifier of a `benchmarks/results.py` run with each post-hoc OOD score.
+
+For each finished run folder (`<outputs>/<variant>-<head>-seed<s>`), `evaluate` runs once per
+score in a sibling folder that links the run's data and classifier, so the run's own
+metrics.json is left as it was. Prints mean ± std over seeds of the average AUROC / FPR95.
+
+    python benchmarks/scores.py [--outputs outputs/results] [--scores energy msp mahalanobis knn]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from ncis.cli import stage_function
+from ncis.config import load_params
+
+RUN = re.compile(r"^(?P<variant>\w+)-(?P<head>\w+)-seed(?P<seed>\d+)$")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--outputs", default="outputs/results")
+    parser.add_argument("--scores", nargs="+", default=["energy", "msp", "mahalanobis", "knn"])
+    args = parser.parse_args()
+    root = Path(args.outputs)
+    table: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    for run in sorted(p for p in root.iterdir() if RUN.match(p.name) and (p / "classifier").exists()):
+        match = RUN.match(run.name)
+        for score in args.scores:
+            out = root / "scores" / f"{run.name}-{score}"
+            out.mkdir(parents=True, exist_ok=True)
+            for name in ("data", "classifier"):
+                if not (out / name).exists():
+                    (out / name).symlink_to((run / name).resolve(), target_is_directory=True)
+            params = load_params(overrides=["tracking.enabled=false", f"outputs={out}", f"evaluate.score={score}", f"seed={match['seed']}"])
+            if not (out / "metrics.json").exists():
+                stage_function("evaluate")(params)
+            table[(match["variant"], match["head"], score)].append(json.loads((out / "metrics.json").read_text()))
+
+    print("\n| outliers | head | score | FPR95 ↓ | AUROC ↑ | AUROC letters |\n| --- | --- | --- | --- | --- | --- |")
+    for (variant, head, score), reports in table.items():
+        def cell(values):
+            values = 100 * np.asarray(values)
+            return f"{values.mean():.1f} ± {values.std(ddof=1) if len(values) > 1 else 0:.1f}"
+
+        print(
+            f"| {variant} | {head} | {score} | {cell([r['average']['fpr95'] for r in reports])} | "
+            f"{cell([r['average']['auroc'] for r in reports])} | {cell([r['ood']['letters']['auroc'] for r in reports])} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
