@@ -4,9 +4,10 @@ One shared `prepare` + `embed` (the tiny diffusion model and the embeddings are 
 for every seed and variant the later stages (`train-cvpn` where needed, `sample`,
 `synthesize`, `train-classifier`, `evaluate`) run with `seed=<s>`; the table reports mean ± std
 over seeds of the average FPR95 / AUROC over the OOD sets, per-set AUROC, and ID accuracy, as
-measured. The table goes to docs/results.md and between the README's results markers.
+measured. The table goes to <outputs>/results.md; with --readme also to docs/results.md and
+between the README's results markers.
 
-    python benchmarks/results.py                        # issue table: none, cvpn, linear, knn; 3 seeds
+    python benchmarks/results.py --readme               # none, cvpn, linear, knn; 3 seeds
     python benchmarks/results.py --variants none cvpn linear knn noise --heads free monotone
     python benchmarks/results.py --set classifier.epochs=10   # any params.yaml override for all runs
 """
@@ -103,7 +104,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--outputs", default="outputs/results")
     parser.add_argument("--base", default=None, help="reuse data, diffusion model and embeddings of this outputs folder")
-    parser.add_argument("--readme", action="store_true", help="also replace the table in README.md")
+    parser.add_argument("--readme", action="store_true", help="publish: write the table to docs/results.md and README.md")
     args = parser.parse_args()
 
     common = ["tracking.enabled=false", *args.overrides]
@@ -134,12 +135,13 @@ def main() -> None:
         [f"--seeds {' '.join(map(str, args.seeds))}", f"--variants {' '.join(args.variants)}"]
         + ([f"--heads {' '.join(args.heads)}"] if args.heads != [None] else [])
         + [f"--set {o}" for o in args.overrides]
+        + (["--readme"] if args.readme else [])
     )
     body = f"Regenerate with `{command.strip()}` ({len(args.seeds)} seeds; mean ± std in %).\n\n{text}\n"
-    (ROOT / "docs").mkdir(exist_ok=True)
-    (ROOT / "docs" / "results.md").write_text("# Results on digits\n\n" + body)
     print("\n" + body)
+    (root / "results.md").write_text(body)
     if args.readme:
+        (ROOT / "docs" / "results.md").write_text("# Results on digits\n\n" + body)
         readme = ROOT / "README.md"
         content = readme.read_text()
         marked = re.sub(r"(<!-- results:start -->\n).*?(<!-- results:end -->)", lambda m: m.group(1) + body + m.group(2), content, flags=re.S)
