@@ -103,7 +103,8 @@ def main() -> None:
     parser.add_argument("--heads", nargs="+", default=[None], help="classifier.energy_head values (default: params.yaml's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--outputs", default="outputs/results")
-    parser.add_argument("--base", default=None, help="reuse data, diffusion model and embeddings of this outputs folder")
+    parser.add_argument("--base", default=None, help="reuse outputs of this folder (see --reuse) instead of recomputing them")
+    parser.add_argument("--reuse", nargs="+", default=list(SHARED), choices=list(SHARED), help="what --base provides")
     parser.add_argument("--readme", action="store_true", help="publish: write the table to docs/results.md and README.md")
     args = parser.parse_args()
 
@@ -113,9 +114,11 @@ def main() -> None:
     base_params = load_params(overrides=[*common, f"outputs={base}"])
     if args.base:
         base.mkdir(parents=True, exist_ok=True)
-        link(Path(args.base), base, SHARED)
+        link(Path(args.base), base, args.reuse)
+    if not (base / "diffusion" / "model_index.json").exists():
+        run(["prepare"], base_params)
     if not (base / "embed" / "embeddings.npz").exists():
-        run(["prepare", "embed"], base_params)
+        run(["embed"], base_params)
 
     reports: dict[tuple[str, str], list[dict]] = {}
     for seed in args.seeds:
