@@ -48,13 +48,6 @@ def write_json(path: str | Path, data) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} is missing; run the stage that writes it first")
-    return json.loads(path.read_text())
-
-
 def save_weights(folder: str | Path, module: torch.nn.Module, config: dict) -> None:
     """`folder/model.safetensors` + `folder/config.json`, written atomically as one folder."""
     with atomic_path(folder) as tmp:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from ncis import diagnostics, tracking
 from ncis.config import Params
-from ncis.datasets import get_benchmark, image_folder, write_image_folder
+from ncis.datasets import get_benchmark, load_images, write_image_folder
 from ncis.diffusion import encode_text, generate, image_channels, initial_latents, load_for_params, tokenize_prompts
 from ncis.io import atomic_path, load_arrays, write_json
 from ncis.layout import layout_for
@@ -65,15 +64,6 @@ def preview_grid(real: list[np.ndarray], fake: list[np.ndarray], path, cell: int
     save_image(make_grid(tensor, nrow=len(real[0]) + len(fake[0]), padding=2, pad_value=0.5), path)
 
 
-def _id_sample(layout, benchmark, size: int, count: int, seed: int):
-    mode = "RGB" if benchmark.channels == 3 else "L"
-    dataset = image_folder(layout.id_train, transform=transforms.Compose([transforms.Lambda(lambda im: im.convert(mode)), transforms.Resize((size, size))]))
-    rng = np.random.default_rng(seed)
-    picked = np.sort(rng.choice(len(dataset), size=min(count, len(dataset)), replace=False))
-    images = np.stack([np.asarray(dataset[i][0]).reshape(size, size, -1) for i in picked])
-    return images, np.asarray(dataset.targets)[picked]
-
-
 def main(params: Params) -> dict:
     cfg = params.synthesize
     layout = layout_for(params)
@@ -101,11 +91,12 @@ def main(params: Params) -> dict:
     control = render(pipe, params, class_names, control_labels, control_vectors, paired, "synthesize: control")
 
     side = min(cfg.save_size, 32)
-    id_images, id_labels = _id_sample(layout, benchmark, side, DIAGNOSTIC_IMAGES, params.seed)
+    id_images, id_labels = load_images(layout.id_train, benchmark.channels, side, limit=DIAGNOSTIC_IMAGES, seed=params.seed)
     small = lambda x: _to_uint8(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255, side)  # noqa: E731
+    small_images = small(images)
     classifier = diagnostics.fit_pixel_classifier(id_images, id_labels, params.seed)
     report = {
-        "outlier_in_class_fraction": diagnostics.in_class_fraction(classifier, small(images), labels),
+        "outlier_in_class_fraction": diagnostics.in_class_fraction(classifier, small_images, labels),
         "control_in_class_fraction": diagnostics.in_class_fraction(classifier, small(control), control_labels),
         "outlier_mahalanobis_ratio": diagnostics.mahalanobis_ratio(embedded["embeddings"], embedded["labels"], outliers),
         "outlier_diversity": diagnostics.pairwise_diversity(images, labels),
@@ -122,7 +113,7 @@ def main(params: Params) -> dict:
         folder.mkdir()
         write_image_folder(folder / layout.synthetic_images.name, images, labels)
         real = [id_images[id_labels == c][: cfg.preview_per_class] for c in range(classes)]
-        fake = [small(images[labels == c][: cfg.preview_per_class]) for c in range(classes)]
+        fake = [small_images[labels == c][: cfg.preview_per_class] for c in range(classes)]
         preview_grid(real, fake, folder / layout.preview.name)
         write_json(folder / "diagnostics.json", report)
     tracking.log_metrics({f"synthesize/{k}": v for k, v in report.items() if v is not None})

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
@@ -89,25 +88,28 @@ def image_folder(folder: str | Path, transform=None) -> NumericImageFolder:
     return NumericImageFolder(str(folder), transform=transform)
 
 
-def load_images(folder: str | Path, channels: int | None = None, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Eagerly load a (small) ImageFolder: uint8 images [N, H, W, C] and int64 labels [N]."""
+def load_images(
+    folder: str | Path, channels: int | None = None, size: int | None = None, limit: int | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Eagerly load a (small) ImageFolder: uint8 images [N, H, W, C] and int64 labels [N].
+
+    `limit`: at most that many images, a random subset (seeded) kept in file order.
+    """
     dataset = image_folder(folder)
+    picked = np.arange(len(dataset))
+    if limit is not None:
+        picked = np.sort(np.random.default_rng(seed).choice(len(dataset), size=min(limit, len(dataset)), replace=False))
     mode = {1: "L", 3: "RGB"}.get(channels or 0)
     images = []
-    for path, _ in dataset.samples:
+    for path in (dataset.samples[i][0] for i in picked):
         with Image.open(path) as image:
             image = image.convert(mode) if mode else image.copy()
             if size and image.size != (size, size):
                 image = image.resize((size, size), Image.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
         images.append(array[..., None] if array.ndim == 2 else array)
-    labels = np.asarray(dataset.targets, dtype=np.int64)
+    labels = np.asarray(dataset.targets, dtype=np.int64)[picked]
     return np.stack(images) if images else np.zeros((0, size or 0, size or 0, channels or 1), np.uint8), labels
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, C] -> float [N, C, H, W] in [0, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def write_image_folder(folder: Path, images: np.ndarray, labels: np.ndarray) -> None:
