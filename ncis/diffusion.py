@@ -96,12 +96,12 @@ def tokenize_prompts(pipe: StableDiffusionPipeline, template: str, class_names: 
         prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
     )
     ids = tokens.input_ids
+    # The class token follows the template's prefix (+1 for the start token).
+    expected = len(pipe.tokenizer(template.split("{}")[0], add_special_tokens=False).input_ids) + 1
+    targets = {name: class_token_id(pipe, name) for name in set(class_names)}
     positions = []
     for row, name in zip(ids.tolist(), class_names):
-        target = class_token_id(pipe, name)
-        prefix = template.split("{}")[0]
-        # The class token follows the template's prefix (+1 for the start token).
-        position = len(pipe.tokenizer(prefix, add_special_tokens=False).input_ids) + 1
+        target, position = targets[name], expected
         if position >= len(row) or row[position] != target:
             position = row.index(target) if target in row else -1
         if position < 0:
