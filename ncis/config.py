@@ -92,6 +92,7 @@ class SynthesizeParams(Section):
     scheduler: str = "PNDMScheduler"
     steps: int = Field(50, ge=1)
     guidance_scale: float = Field(7.5, ge=1)
+    noise_scale: float = Field(1.0, gt=0, description="std of the starting noise relative to the prior's (1 = the paper)")
     batch_size: int = Field(64, ge=1)
     images_per_class: int = Field(0, ge=0, description="0 = one image per outlier embedding")
     save_size: int = Field(32, ge=1)

@@ -156,10 +156,11 @@ def make_scheduler(pipe: StableDiffusionPipeline, name: str):
     return scheduler_class.from_config(pipe.scheduler.config, **extra)
 
 
-def initial_latents(pipe: StableDiffusionPipeline, generators: list[torch.Generator]) -> torch.Tensor:
-    """Starting noise, one generator per image: an image's noise does not depend on its batch."""
+def initial_latents(pipe: StableDiffusionPipeline, generators: list[torch.Generator], scale: float = 1.0) -> torch.Tensor:
+    """Starting noise, one generator per image: an image's noise does not depend on its batch.
+    `scale` multiplies its standard deviation (> 1 starts from the tails of the prior)."""
     channels, side = int(pipe.unet.config.in_channels), int(pipe.unet.config.sample_size)
-    return torch.stack([torch.randn((channels, side, side), generator=g) for g in generators])
+    return scale * torch.stack([torch.randn((channels, side, side), generator=g) for g in generators])
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ def render(pipe, params: Params, class_names: list[str], labels: np.ndarray, vec
         with torch.no_grad():
             embeds = encode_text(pipe, ids, positions, torch.from_numpy(vectors[rows]))
         generators = [torch.Generator().manual_seed(params.seed * 1_000_003 + int(n)) for n in noise_ids[rows]]
-        images = generate(pipe, embeds, cfg.steps, cfg.guidance_scale, initial_latents(pipe, generators), cfg.scheduler)
+        images = generate(pipe, embeds, cfg.steps, cfg.guidance_scale, initial_latents(pipe, generators, cfg.noise_scale), cfg.scheduler)
         out.append(_to_uint8(images, cfg.save_size))
     return np.concatenate(out)
 

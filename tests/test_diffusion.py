@@ -96,6 +96,9 @@ def test_generation_is_seeded_and_any_scheduler_can_be_named(untrained_pipeline_
     b = generate(pipe, embeds, 5, 3.0, noise())
     assert a.shape == (2, 1, 8, 8) and torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
     assert generate(pipe, embeds, 5, 3.0, noise(), "DDIMScheduler").shape == (2, 1, 8, 8)
+    # synthesize.noise_scale widens the same draws, so a scaled start gives another image.
+    wide = initial_latents(pipe, [torch.Generator().manual_seed(i) for i in range(2)], scale=2.0)
+    assert torch.allclose(wide, 2 * noise()) and not torch.equal(generate(pipe, embeds, 5, 3.0, wide), a)
     with pytest.raises(UserError, match="not a diffusers scheduler"):
         make_scheduler(pipe, "Nonsense")
 
