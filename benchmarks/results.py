@@ -10,6 +10,9 @@ between the README's results markers.
     python benchmarks/results.py --readme               # none, cvpn, linear, knn; 3 seeds
     python benchmarks/results.py --variants none cvpn linear knn noise --heads free monotone
     python benchmarks/results.py --set classifier.epochs=10   # any params.yaml override for all runs
+
+A run folder that already holds a metrics.json is reused, so an interrupted sweep resumes; after
+changing code or settings, delete it or pick another --outputs.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ def variant_run(base: Path, out: Path, overrides: list[str], variant: str, outli
     """Run one variant; `outliers_from` is a finished run of the same variant and seed whose
     outliers (cVPN, samples, images) are reused, e.g. when only the energy head differs."""
     params = load_params(overrides=[*overrides, f"outputs={out}"])
+    if (out / "metrics.json").exists():  # a finished run of these settings: resume, don't redo
+        print(f"[results] {out} already done; reusing it", flush=True)
+        return read_report(out)
     out.mkdir(parents=True, exist_ok=True)
     link(base, out, SHARED)
     stages = ["train-classifier", "evaluate"]
@@ -64,17 +70,38 @@ def variant_run(base: Path, out: Path, overrides: list[str], variant: str, outli
         else:
             stages = (["train-cvpn"] if variant == "cvpn" else []) + ["sample", "synthesize", *stages]
     run(stages, params)
-    report = json.loads(layout_for(params).metrics.read_text())
-    diagnostics = out / "synthesize" / "diagnostics.json"
-    if diagnostics.exists():
-        report["diagnostics"] = json.loads(diagnostics.read_text())
+    return read_report(out)
+
+
+def read_report(out: Path) -> dict:
+    """metrics.json of a finished run, with the outlier-pool and cVPN diagnostics when it has them."""
+    report = json.loads((out / "metrics.json").read_text())
+    for key, path in (("diagnostics", out / "synthesize" / "diagnostics.json"), ("cvpn", out / "cvpn" / "config.json"), ("embed", out / "embed" / "summary.json")):
+        if path.exists():
+            report[key] = json.loads(path.read_text())
     return report
 
 
-def mean_std(values: list[float], percent: bool = True) -> str:
+def prepare_base(root: Path, common: list[str], base_from: str | None, reuse: list[str]) -> Path:
+    """<root>/base: the diffusion model and embeddings every run of `root` shares; what `base_from`
+    provides (`reuse`) is linked, the rest computed."""
+    base = root / "base"
+    base_params = load_params(overrides=[*common, f"outputs={base}"])
+    if base_from:
+        base.mkdir(parents=True, exist_ok=True)
+        link(Path(base_from), base, reuse)
+    if not (base / "diffusion" / "model_index.json").exists():
+        run(["prepare"], base_params)
+    if not (base / "embed" / "embeddings.npz").exists():
+        run(["embed"], base_params)
+    return base
+
+
+def mean_std(values: list[float], percent: bool = True, digits: int = 1) -> str:
     scale = 100 if percent else 1
     values = np.asarray(values, dtype=float) * scale
-    return f"{values.mean():.1f} ± {values.std(ddof=1) if len(values) > 1 else 0:.1f}"
+    spread = values.std(ddof=1) if len(values) > 1 else 0.0
+    return f"{values.mean():.{digits}f} ± {spread:.{digits}f}"
 
 
 def table(reports: dict[tuple[str, str], list[dict]]) -> str:
@@ -110,22 +137,15 @@ def main() -> None:
 
     common = ["tracking.enabled=false", *args.overrides]
     root = Path(args.outputs)
-    base = root / "base"
-    base_params = load_params(overrides=[*common, f"outputs={base}"])
-    if args.base:
-        base.mkdir(parents=True, exist_ok=True)
-        link(Path(args.base), base, args.reuse)
-    if not (base / "diffusion" / "model_index.json").exists():
-        run(["prepare"], base_params)
-    if not (base / "embed" / "embeddings.npz").exists():
-        run(["embed"], base_params)
+    base = prepare_base(root, common, args.base, args.reuse)
+    default_head = load_params(overrides=common).classifier.energy_head
 
     reports: dict[tuple[str, str], list[dict]] = {}
     for seed in args.seeds:
         for variant in args.variants:
             first = None
             for head in args.heads:
-                head_name = head or base_params.classifier.energy_head
+                head_name = head or default_head
                 overrides = [*common, *VARIANTS[variant], f"seed={seed}"] + ([f"classifier.energy_head={head}"] if head else [])
                 out = root / f"{variant}-{head_name}-seed{seed}"
                 print(f"[results] {out.name}", flush=True)
