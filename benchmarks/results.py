@@ -11,8 +11,9 @@ between the README's results markers.
     python benchmarks/results.py --variants none cvpn linear knn noise --heads free monotone
     python benchmarks/results.py --set classifier.epochs=10   # any params.yaml override for all runs
 
-A run folder that already holds a metrics.json is reused, so an interrupted sweep resumes; after
-changing code or settings, delete it or pick another --outputs.
+A run folder that already holds a metrics.json is reused when its params.json matches the run's
+settings, so an interrupted sweep resumes; one that ran with other settings stops the script.
+After changing code, delete the folder or pick another --outputs.
 """
 
 from __future__ import annotations
@@ -58,10 +59,15 @@ def variant_run(base: Path, out: Path, overrides: list[str], variant: str, outli
     """Run one variant; `outliers_from` is a finished run of the same variant and seed whose
     outliers (cVPN, samples, images) are reused, e.g. when only the energy head differs."""
     params = load_params(overrides=[*overrides, f"outputs={out}"])
-    if (out / "metrics.json").exists():  # a finished run of these settings: resume, don't redo
-        print(f"[results] {out} already done; reusing it", flush=True)
+    settings = params.model_dump(exclude={"outputs"})
+    recorded = out / "params.json"
+    if (out / "metrics.json").exists():  # finished before: reuse it if it ran with these settings
+        if not recorded.exists() or json.loads(recorded.read_text()) != settings:
+            raise SystemExit(f"{out}: finished with other settings (see its params.json); delete it or pick another --outputs")
+        print(f"[results] {out} already done with these settings; reusing it", flush=True)
         return read_report(out)
     out.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(settings, indent=1))
     link(base, out, SHARED)
     stages = ["train-classifier", "evaluate"]
     if variant in ("cvpn", "linear", "knn"):
@@ -87,8 +93,13 @@ def prepare_base(root: Path, common: list[str], base_from: str | None, reuse: li
     provides (`reuse`) is linked, the rest computed."""
     base = root / "base"
     base_params = load_params(overrides=[*common, f"outputs={base}"])
+    settings = base_params.model_dump(include={"benchmark", "seed", "data", "diffusion", "embed"})
+    recorded = base / "params.json"
+    if recorded.exists() and json.loads(recorded.read_text()) != settings:
+        raise SystemExit(f"{base}: made with other data/diffusion/embed settings (see its params.json); pick another --outputs")
+    base.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(settings, indent=1))
     if base_from:
-        base.mkdir(parents=True, exist_ok=True)
         link(Path(base_from), base, reuse)
     if not (base / "diffusion" / "model_index.json").exists():
         run(["prepare"], base_params)
