@@ -112,7 +112,8 @@ def mean_std(values: list[float], percent: bool = True, digits: int = 1) -> str:
     scale = 100 if percent else 1
     values = np.asarray(values, dtype=float) * scale
     spread = values.std(ddof=1) if len(values) > 1 else 0.0
-    return f"{values.mean():.{digits}f} ± {spread:.{digits}f}"
+    mean = round(float(values.mean()), digits) + 0.0  # + 0.0 turns a rounded -0.0 into 0.0
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
 def table(reports: dict[tuple[str, str], list[dict]]) -> str:
