@@ -2,7 +2,7 @@
 
 Every setting of a sweep is NCIS (cVPN sampler, the params.yaml head) with that one change,
 run with several seeds by the machinery of `results.py`; `--set` pins settings for every run
-(the published study ran at guidance 3, the default before the guidance sweep). A setting
+(the published study ran at guidance 3 with the free head, the defaults before the study). A setting
 reuses what its change does not touch: a sampler or guidance change reuses the reference
 runs' diffusion model and embeddings, an inversion change re-embeds, a token-noise change
 retrains the model (one model per setting, shared by its seeds).
@@ -10,7 +10,7 @@ retrains the model (one model per setting, shared by its seeds).
 Each sweep's table (mean ± std over seeds) goes to <outputs>/<sweep>.md and, with --publish,
 between the `<!-- study:<sweep>:start/end -->` markers of docs/digits-study.md.
 
-    python benchmarks/study.py --set synthesize.guidance_scale=3 --publish   # the published study
+    python benchmarks/study.py --set synthesize.guidance_scale=3 --set classifier.energy_head=free --publish
     python benchmarks/study.py --sweeps guidance --seeds 0                     # one sweep, one seed
 """
 
