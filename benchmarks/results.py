@@ -108,6 +108,15 @@ def prepare_base(root: Path, common: list[str], base_from: str | None, reuse: li
     return base
 
 
+def write_between_markers(doc: Path, name: str, text: str) -> None:
+    """Replace what lies between `<!-- name:start -->` and `<!-- name:end -->` in `doc`."""
+    marker = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", flags=re.S)
+    content = doc.read_text()
+    if not marker.search(content):
+        raise SystemExit(f"{doc}: no <!-- {name}:start/end --> markers; add them where the table belongs")
+    doc.write_text(marker.sub(lambda m: m.group(1) + text + m.group(2), content))
+
+
 def mean_std(values: list[float], percent: bool = True, digits: int = 1) -> str:
     scale = 100 if percent else 1
     values = np.asarray(values, dtype=float) * scale
@@ -177,10 +186,7 @@ def main() -> None:
     (root / "results.md").write_text(body)
     if args.readme:
         (ROOT / "docs" / "results.md").write_text("# Results on digits\n\n" + body)
-        readme = ROOT / "README.md"
-        content = readme.read_text()
-        marked = re.sub(r"(<!-- results:start -->\n).*?(<!-- results:end -->)", lambda m: m.group(1) + body + m.group(2), content, flags=re.S)
-        readme.write_text(marked)
+        write_between_markers(ROOT / "README.md", "results", body)
 
 
 if __name__ == "__main__":

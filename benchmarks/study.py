@@ -17,11 +17,10 @@ between the `<!-- study:<sweep>:start/end -->` markers of docs/digits-study.md.
 from __future__ import annotations
 
 import argparse
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from results import ROOT, SHARED, VARIANTS, mean_std, prepare_base, variant_run
+from results import ROOT, SHARED, VARIANTS, mean_std, prepare_base, variant_run, write_between_markers
 
 from ncis.config import load_params
 
@@ -83,7 +82,7 @@ def setting_label(overrides: tuple[str, ...]) -> str:
     return ", ".join(o.split(".", 1)[1].replace("=", " ") for o in overrides)
 
 
-def default_label(sweep: Sweep, pinned: list[str]) -> str:
+def reference_label(sweep: Sweep, pinned: list[str]) -> str:
     """The reference values of the keys the sweep varies, e.g. "guidance_scale 3.0 (reference)"."""
     params = load_params(overrides=pinned).model_dump()
     keys = dict.fromkeys(o.split("=", 1)[0] for setting in sweep.settings for o in setting)
@@ -119,7 +118,7 @@ def sweep_table(sweep: Sweep, rows: dict[tuple[str, ...], list[dict]], pinned: l
     for overrides, reports in rows.items():
         diagnostics = [r["diagnostics"] for r in reports]
         cells = [
-            setting_label(overrides) if overrides else default_label(sweep, pinned),
+            setting_label(overrides) if overrides else reference_label(sweep, pinned),
             f"{reports[0]['embed']['shift_from_class_token_mean']:.2f}",
             str(reports[0]["cvpn"]["num_invariants"]),
             mean_std([r["cvpn"]["reconstruction_vs_pca"] for r in reports], percent=False, digits=2),
@@ -135,14 +134,6 @@ def sweep_table(sweep: Sweep, rows: dict[tuple[str, ...], list[dict]], pinned: l
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def publish(name: str, text: str, doc: Path) -> None:
-    content = doc.read_text()
-    marker = re.compile(rf"(<!-- study:{name}:start -->\n).*?(<!-- study:{name}:end -->)", flags=re.S)
-    if not marker.search(content):
-        raise SystemExit(f"{doc}: no <!-- study:{name}:start/end --> markers; add them where the table belongs")
-    doc.write_text(marker.sub(lambda m: m.group(1) + text + m.group(2), content))
 
 
 def main() -> None:
@@ -163,7 +154,7 @@ def main() -> None:
         (Path(args.outputs) / name).mkdir(parents=True, exist_ok=True)
         (Path(args.outputs) / f"{name}.md").write_text(text)
         if args.publish:
-            publish(name, text, ROOT / "docs" / "digits-study.md")
+            write_between_markers(ROOT / "docs" / "digits-study.md", f"study:{name}", text)
 
 
 if __name__ == "__main__":
