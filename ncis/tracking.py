@@ -34,26 +34,20 @@ COMPARED_METRICS = ("fpr95/average", "auroc/average", "id_accuracy")
 # ---------------------------------------------------------------- runs
 
 
-@contextlib.contextmanager
-def pipeline_run(params) -> Iterator[Any]:
+def pipeline_run(params) -> contextlib.AbstractContextManager[Any]:
     """Parent run of a whole pipeline: the `mlflow run` project run if there is one, else a new run."""
-    if not params.tracking.enabled:
-        yield None
-        return
-    import mlflow
+    return _open_run(params, PIPELINE)
 
-    check_server()
-    if mlflow.active_run() is not None:  # e.g. a notebook's own run: nest under it
-        with _running(params, PIPELINE, nested=True) as run:
-            yield run
-    else:
-        with _top_level_run(params, PIPELINE) as run:
-            yield run
+
+def stage_run(params, stage: str) -> contextlib.AbstractContextManager[Any]:
+    """The run of one stage, nested under the active run, or under the `mlflow run` project run."""
+    return _open_run(params, stage)
 
 
 @contextlib.contextmanager
-def stage_run(params, stage: str) -> Iterator[Any]:
-    """The run of one stage, nested under the active run, or under the `mlflow run` project run."""
+def _open_run(params, name: str) -> Iterator[Any]:
+    """Run `name` (the pipeline or a stage): nested under an active run (e.g. a notebook's own, or
+    the pipeline's), else at the top level; yields None with tracking off."""
     if not params.tracking.enabled:
         yield None
         return
@@ -61,15 +55,15 @@ def stage_run(params, stage: str) -> Iterator[Any]:
 
     check_server()
     if mlflow.active_run() is not None:
-        with _running(params, stage, nested=True) as run:
+        with _running(params, name, nested=True) as run:
             yield run
-    elif os.environ.get("MLFLOW_RUN_ID"):
+    elif name != PIPELINE and os.environ.get("MLFLOW_RUN_ID"):
         # `mlflow run -e <stage>`: the project run holds the -P parameters as given; the stage
         # run below it looks exactly like one under `ncis run`, whatever the front door.
-        with _top_level_run(params, PIPELINE), _running(params, stage, nested=True) as run:
+        with _top_level_run(params, PIPELINE), _running(params, name, nested=True) as run:
             yield run
     else:
-        with _top_level_run(params, stage) as run:
+        with _top_level_run(params, name) as run:
             yield run
 
 
