@@ -34,7 +34,7 @@ from ncis.diffusion import (
     token_embedding_table,
     tokenize_prompts,
 )
-from ncis.io import load_arrays, save_arrays, write_json
+from ncis.io import files_signature, load_arrays, save_arrays, write_json
 from ncis.layout import layout_for
 from ncis.runtime import resolve_device
 
@@ -87,12 +87,11 @@ def invert(
 def _fingerprint(params: Params) -> str:
     """Chunks are reused only for the same inputs and settings (a retrained local model counts as new)."""
     source = model_source(params)
-    files = sorted(p for p in Path(source).rglob("*") if p.is_file()) if Path(source).exists() else []
     key = json.dumps(
         {
             "embed": params.embed.model_dump(),
             "model": source,
-            "model_files": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+            "model_files": files_signature(Path(source)),
             "seed": params.seed,
             "benchmark": params.benchmark,
         },

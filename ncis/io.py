@@ -7,6 +7,7 @@ leaves the previous output untouched (write to a temporary name, then rename).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +20,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ncis.errors import UserError
+
+
+def files_signature(folder: Path) -> str:
+    """Hash of every file's name, size and modification time below `folder` (of nothing if it is
+    not a folder): regenerated inputs change it.
+
+    Cheap enough for ImageNet-size folders (no file is read); a false change (e.g. a
+    `dvc checkout` touching files) only costs a fresh start, never a stale resume.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ from the last complete one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -39,7 +38,7 @@ from ncis.classifiers import (
 )
 from ncis.datasets import get_benchmark
 from ncis.errors import UserError
-from ncis.io import atomic_path, save_weights
+from ncis.io import atomic_path, files_signature, save_weights
 from ncis.layout import layout_for
 from ncis.metrics import auroc
 from ncis.runtime import resolve_device, seed_everything, single_cpu_thread
@@ -152,20 +151,6 @@ def channel_stats(dataset: Dataset, seed: int, device: torch.device) -> tuple[li
     mean = total / pixels
     std = (total_sq / pixels - mean.square()).clamp_min(1e-12).sqrt().clamp_min(1e-3)  # a constant channel must not divide by 0
     return mean.tolist(), std.tolist()
-
-
-def files_signature(folder: Path) -> str:
-    """Hash of every file's name, size and modification time: regenerated inputs change it.
-
-    Cheap enough for ImageNet-size folders (no file is read); a false change (e.g. a
-    `dvc checkout` touching files) only costs a fresh start, never a stale resume.
-    """
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            stat = path.stat()
-            digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
 
 
 def _cycle(loader: DataLoader):

@@ -84,3 +84,19 @@ def test_embed_writes_vectors_and_resumes_from_saved_chunks(tmp_path, untrained_
 def test_embed_without_prepared_data_says_what_to_run(tmp_path, untrained_pipeline_dir):
     with pytest.raises(UserError, match="ncis prepare"):
         embed.main(_params(tmp_path, untrained_pipeline_dir))
+
+
+def test_saved_chunks_are_keyed_by_the_model_files(tmp_path, untrained_pipeline_dir):
+    """A retrained model (same folder, new files) must not reuse embeddings of the old one."""
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(untrained_pipeline_dir, model_dir)
+    params = _params(tmp_path, model_dir)
+    before = embed._fingerprint(params)
+    assert embed._fingerprint(params) == before
+    weights = next(model_dir.rglob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    assert embed._fingerprint(params) != before
+    # A hub id (no local folder) still gets a fingerprint, from the settings alone.
+    assert embed._fingerprint(_params(tmp_path, "CompVis/stable-diffusion-v1-4"))
