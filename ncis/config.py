@@ -67,7 +67,22 @@ class CvpnParams(Section):
     lr_end_factor: float = Field(0.1, gt=0, le=1)
     batch_size: int = Field(64, ge=1)
     epochs: int = Field(200, ge=1)
-    holdout_fraction: float = Field(0.1, ge=0, lt=1)
+    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="stratified split the best epoch is chosen on (0 = choose on the training set)")
+    activation: Literal["silu", "sigmoid"] = Field("silu", description="non-linearity of the coupling MLPs")
+    conditioning: Literal["concat", "add"] = Field(
+        "concat",
+        description="concat: class embedding joins the coupling MLP's input; add: SiLU + Linear of it is added after the MLP's second layer",
+    )
+    init: Literal["identity", "paper"] = Field(
+        "identity",
+        description="identity: couplings start at zero shift; paper: PyTorch default couplings, rotations from the U(-pi, pi) upper triangle",
+    )
+    invariant_rule: Literal["dropped_rounded", "plus_one_floored"] = Field(
+        "dropped_rounded", description="invariants from per-class PCA: dimensions it drops (rounded mean), or one more (floored mean)"
+    )
+    reconstruction_detach: bool = Field(
+        False, description="the reconstruction step maps back the invariant step's output, detached: only the inverse pass learns from it"
+    )
 
 
 class SampleParams(Section):

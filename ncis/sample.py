@@ -23,11 +23,11 @@ from ncis import tracking
 from ncis.config import Params, SampleParams
 from ncis.cvpn import CVPN, load_cvpn
 from ncis.datasets import get_benchmark
+from ncis.embeddings import load_embeddings
 from ncis.errors import UserError
 from ncis.io import save_arrays
 from ncis.layout import layout_for
 from ncis.runtime import resolve_device, seed_everything, single_cpu_thread
-from ncis.train_cvpn import load_embeddings
 
 
 @dataclass

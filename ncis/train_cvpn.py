@@ -2,7 +2,11 @@
 
 Each batch takes two optimiser steps: (1) push the last k outputs (the invariants) to 0;
 (2) zero them, map back and reconstruct the input, so the invariants carry no information
-the class needs. The checkpoint with the best held-out invariant MSE is kept.
+the class needs. With `reconstruction_detach` step (2) maps back step (1)'s output, detached,
+so only the inverse pass learns from it (the paper's trainer, nl-invs/nl_invariants/
+trainer.py:102-119); without, it recomputes the forward pass and trains both.
+The checkpoint with the best held-out invariant MSE is kept (the training set's when
+`holdout_fraction` is 0, as in the paper, which trains on all embeddings).
 """
 
 from __future__ import annotations
@@ -20,34 +24,13 @@ from ncis import tracking
 from ncis.config import CvpnParams, Params
 from ncis.cvpn import CVPN, count_invariants
 from ncis.datasets import get_benchmark
+from ncis.embeddings import load_embeddings
 from ncis.errors import UserError
-from ncis.io import load_arrays, save_weights
+from ncis.io import save_weights
 from ncis.layout import layout_for
 from ncis.runtime import resolve_device, seed_everything, single_cpu_thread
 
 EVAL_CHUNK = 8192  # rows per forward pass when evaluating, to bound memory on large embedding sets
-
-
-def load_embeddings(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """`embeddings` float32 [N, D] and `labels` int64 [N], checked against the benchmark's classes."""
-    arrays = load_arrays(path)
-    missing = {"embeddings", "labels"} - arrays.keys()
-    if missing:
-        raise UserError(f"{path} lacks {sorted(missing)}; rerun `ncis embed`")
-    embeddings = arrays["embeddings"].astype(np.float32)
-    labels = arrays["labels"].astype(np.int64)
-    if embeddings.ndim != 2 or labels.shape != (len(embeddings),):
-        raise UserError(f"{path}: expected embeddings [N, D] and labels [N], got {embeddings.shape} and {labels.shape}")
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise UserError(f"{path}: labels outside [0, {num_classes}); were the embeddings made for another benchmark?")
-    counts = np.bincount(labels, minlength=num_classes)
-    if counts.min() < 2:
-        short = int(np.argmin(counts))
-        raise UserError(
-            f"{path}: class {short} has {counts[short]} embedding(s), at least 2 are needed per class; "
-            "embed more images (embed.image_limit=0 embeds all)"
-        )
-    return embeddings, labels
 
 
 @dataclass
@@ -70,6 +53,18 @@ def split_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
     except ValueError:
         # Too few samples to put every class in both parts: a plain random split still selects fairly.
         return train_test_split(index, test_size=fraction, random_state=seed)
+
+
+def reconstruction_loss(model: CVPN, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE of x against its projection on the invariant manifold.
+
+    Given `z` (the forward output of x), it is detached and only the inverse pass gets
+    gradients; without, the forward pass is recomputed and trained too.
+    """
+    if z is None:
+        return (model.project(x, y) - x).square().mean()
+    kept = z.detach()[..., : -model.num_invariants]
+    return (model.inverse(torch.cat([kept, torch.zeros_like(model.invariants(z))], dim=-1), y) - x).square().mean()
 
 
 @torch.no_grad()
@@ -116,6 +111,9 @@ def _fit(embeddings, labels, num_classes, config, num_invariants, seed, device, 
         hidden=config.hidden,
         class_embedding=config.class_embedding,
         num_invariants=num_invariants,
+        activation=config.activation,
+        conditioning=config.conditioning,
+        init=config.init,
         mean=x_train.mean(0).cpu() if config.preprocess == "center" else None,
     ).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -134,19 +132,20 @@ def _fit(embeddings, labels, num_classes, config, num_invariants, seed, device, 
         for batch in torch.randperm(len(train_index), generator=generator).to(device).split(config.batch_size):
             xb, yb = x_train[batch], y_train[batch]
 
-            invariant_loss = model.invariants(model(xb, yb)).square().mean()
+            z = model(xb, yb)
+            invariant_loss = model.invariants(z).square().mean()
             optimizer.zero_grad()
             invariant_loss.backward()
             optimizer.step()
 
-            reconstruction_loss = (model.project(xb, yb) - xb).square().mean()
+            rec_loss = reconstruction_loss(model, xb, yb, z if config.reconstruction_detach else None)
             optimizer.zero_grad()
-            reconstruction_loss.backward()
+            rec_loss.backward()
             optimizer.step()
             scheduler.step()
 
             invariant_sum += invariant_loss.item() * len(batch)
-            reconstruction_sum += reconstruction_loss.item() * len(batch)
+            reconstruction_sum += rec_loss.item() * len(batch)
 
         model.eval()
         invariant_mse, reconstruction_mse = evaluate(model, x_select, y_select)
@@ -194,7 +193,7 @@ def main(params: Params) -> dict:
         raise UserError(f"{layout.embeddings}: embeddings of dimension {dim}; a cVPN needs at least 2")
 
     config = params.cvpn
-    num_invariants = count_invariants(embeddings, labels, config.pca_variance_percent)
+    num_invariants = count_invariants(embeddings, labels, config.pca_variance_percent, config.invariant_rule)
     result = fit_cvpn(embeddings, labels, num_classes, config, num_invariants, seed=params.seed, device=device)
 
     eval_index = result.holdout_index if len(result.holdout_index) else result.train_index

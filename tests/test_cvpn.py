@@ -11,34 +11,60 @@ from ncis.cvpn import CVPN, count_invariants, load_cvpn
 from ncis.errors import UserError
 from ncis.io import save_arrays, save_weights
 from ncis.layout import layout_for
-from ncis.train_cvpn import fit_cvpn
+from ncis.train_cvpn import evaluate, fit_cvpn, reconstruction_loss
 from ncis.train_cvpn import main as train_cvpn
 
+# ncis' own coupling design (digits) and the paper's (configs/*.yaml).
+DESIGNS = {
+    "ncis": {"activation": "silu", "conditioning": "concat", "init": "identity"},
+    "paper": {"activation": "sigmoid", "conditioning": "add", "init": "paper"},
+}
 
-def random_cvpn(dim=6, num_classes=3, **kwargs) -> CVPN:
-    """A cVPN whose couplings are not the identity (they start as one)."""
+
+def random_cvpn(dim=6, num_classes=3, design="ncis", **kwargs) -> CVPN:
+    """A cVPN whose couplings are not the identity (ncis' design starts as one)."""
     torch.manual_seed(0)
-    model = CVPN(dim, num_classes, coupling_layers=3, hidden=16, class_embedding=4, **kwargs)
-    with torch.no_grad():
-        for coupling in model.couplings:
-            coupling.shift[-1].weight.normal_(0, 0.5)
+    model = CVPN(dim, num_classes, coupling_layers=3, hidden=16, class_embedding=4, **DESIGNS[design], **kwargs)
+    if design == "ncis":
+        with torch.no_grad():
+            for coupling in model.couplings:
+                coupling.shift[-1].weight.normal_(0, 0.5)
     return model
 
 
-def test_unit_jacobian_determinant():
-    model = random_cvpn().double()
+@pytest.mark.parametrize("design", DESIGNS)
+def test_unit_jacobian_determinant(design):
+    model = random_cvpn(design=design).double()
     x = torch.randn(6, dtype=torch.float64)
     for label in range(3):
         jacobian = torch.autograd.functional.jacobian(lambda v: model(v, label), x)
         assert torch.linalg.det(jacobian).abs().item() == pytest.approx(1.0, abs=1e-9)
+        assert (jacobian - torch.eye(6, dtype=torch.float64)).abs().max() > 0.1  # not a trivial map
 
 
-def test_exact_inverse_both_ways():
-    model = random_cvpn(mean=torch.arange(6.0))
-    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+def test_paper_coupling_has_the_reference_layers():
+    """model.py:59-89: Linear(r, H), Sigmoid, Linear(H, H), + Linear(SiLU(embedding)), Sigmoid, Linear(H, H), Sigmoid, Linear(H, D // 2)."""
+    dim, hidden, embedding = 7, 16, 16
+    model = CVPN(dim, 2, coupling_layers=1, hidden=hidden, class_embedding=embedding, **DESIGNS["paper"])
+    shift = model.couplings[0].shift
+    rest, out = dim - dim // 2, dim // 2
+    layers = [(rest, hidden), (hidden, hidden), (hidden, hidden), (hidden, out), (embedding, hidden)]
+    assert sum(p.numel() for p in shift.parameters()) == sum(i * o + o for i, o in layers)
+    assert [type(m).__name__ for m in shift.post] == ["Sigmoid", "Linear", "Sigmoid", "Linear"]
+    assert type(shift.embed[0]).__name__ == "SiLU"
+    # Adding the class term changes the output (concatenation would have widened the first layer instead).
+    rest_input, condition = torch.randn(4, rest), model.classes(torch.tensor([0, 0, 1, 1]))
     with torch.no_grad():
-        torch.testing.assert_close(model.inverse(model(x, y), y), x, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model(model.inverse(x, y), y), x, atol=1e-5, rtol=1e-5)
+        assert (shift(rest_input, condition) - shift.post(shift.pre(rest_input))).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_exact_inverse_both_ways(design):
+    model = random_cvpn(design=design, mean=torch.arange(6.0)).double()  # float64: exact up to round-off
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+    with torch.no_grad():
+        torch.testing.assert_close(model.inverse(model(x, y), y), x, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(model(model.inverse(x, y), y), x, atol=1e-10, rtol=1e-10)
 
 
 def test_class_changes_the_mapping():
@@ -58,6 +84,34 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.num_invariants == 2
 
 
+def test_reconstruction_detach_keeps_the_loss_but_drops_the_forward_gradient():
+    model = random_cvpn(num_invariants=2)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+
+    def gradient(detach: bool) -> tuple[float, torch.Tensor]:
+        model.zero_grad()
+        loss = reconstruction_loss(model, x, y, model(x, y) if detach else None)
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    (detached_loss, detached), (full_loss, full) = gradient(True), gradient(False)
+    assert detached_loss == pytest.approx(full_loss, rel=1e-5)  # the same number...
+    assert (detached - full).norm() > 0.05 * full.norm()  # ...but only the inverse pass is trained
+
+
+def test_holdout_zero_selects_on_training_data_and_restores_the_best_epoch():
+    embeddings, labels = circles(n=100)
+    # A large step overshoots after epoch 1, so the best epoch is not the last one.
+    config = CvpnParams(hidden=32, epochs=3, lr=0.3, holdout_fraction=0, **DESIGNS["paper"], reconstruction_detach=True)
+    result = fit_cvpn(embeddings, labels, 3, config, num_invariants=1, progress=False)
+    assert result.selected_on == "train" and len(result.holdout_index) == 0 and len(result.train_index) == len(labels)
+    history = [entry["train_invariant_mse"] for entry in result.history]
+    assert 0 < result.best_epoch < config.epochs and result.best_epoch == int(np.argmin(history))
+    restored, _ = evaluate(result.model, torch.as_tensor(embeddings), torch.as_tensor(labels))
+    assert history[result.best_epoch] < 0.99 * history[-1]  # so the next line tells the two apart
+    assert restored == pytest.approx(history[result.best_epoch], rel=1e-5)
+
+
 def test_invariant_count_from_pca_of_known_rank():
     rng = np.random.default_rng(0)
     dim = 10
@@ -68,6 +122,10 @@ def test_invariant_count_from_pca_of_known_rank():
     embeddings = np.concatenate([low_rank(3), low_rank(5)])
     labels = np.repeat([0, 1], 200)
     assert count_invariants(embeddings, labels, pca_variance_percent=5.0) == round(((10 - 3) + (10 - 5)) / 2)
+    # The reference's rule: one more than the dropped dimensions, mean floored (trainer.py:55-71).
+    ranks_3_and_4 = np.concatenate([low_rank(3), low_rank(4)])
+    assert count_invariants(ranks_3_and_4, labels, 5.0, "dropped_rounded") == round((7 + 6) / 2) == 6
+    assert count_invariants(ranks_3_and_4, labels, 5.0, "plus_one_floored") == (8 + 7) // 2 == 7
     # Isotropic data has no invariant direction, but at least one is always learned.
     assert count_invariants(rng.normal(size=(400, dim)), np.zeros(400, int), pca_variance_percent=1.0) == 1
 
@@ -94,6 +152,20 @@ def test_training_learns_a_non_linear_invariant():
     assert result.best_invariant_mse < 0.2 * initial
     assert result.best_invariant_mse < 0.25  # below what any linear invariant can reach
     assert result.history[-1]["reconstruction_loss"] < result.history[1]["reconstruction_loss"]
+
+
+def test_a_trained_cvpn_maps_the_same_point_to_different_outliers_per_class():
+    embeddings, labels = circles()
+    config = CvpnParams(hidden=32, epochs=10, lr=3e-3, batch_size=64, **DESIGNS["paper"], reconstruction_detach=True)
+    model = fit_cvpn(embeddings, labels, 3, config, num_invariants=1, progress=False).model
+    x = torch.as_tensor(embeddings[labels == 0])
+    with torch.no_grad():
+        z = model(x, 0)
+        outliers = 1.5 * z  # further out than the class, as sample's low-density draws are
+        right, wrong = model.inverse(outliers, 0), model.inverse(outliers, 2)
+        torch.testing.assert_close(model.inverse(z, 0), x, atol=1e-4, rtol=1e-4)
+    spread = float(x.std(0).mean())
+    assert float((right - wrong).norm(dim=1).mean()) > 0.1 * spread
 
 
 def fake_embeddings(path, num_classes=10, per_class=20, dim=8, seed=0):
