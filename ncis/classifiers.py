@@ -23,9 +23,6 @@ from ncis.datasets import Benchmark, NumericImageFolder, image_folder
 from ncis.errors import UserError
 from ncis.io import load_weights
 
-ARCHS = ("resnet34", "wrn40_2", "small_cnn")
-
-
 class Classifier(nn.Module):
     """normalise -> backbone (penultimate features) -> linear layer (logits)."""
 
@@ -127,7 +124,9 @@ def wrn40_2(channels: int) -> tuple[nn.Module, int]:
     return net, net.out_features
 
 
-_BACKBONES = {"resnet34": resnet34_cifar, "wrn40_2": wrn40_2, "small_cnn": small_cnn}
+# The one list of architectures: `classifier.arch` is validated against it (ncis/config.py).
+# name -> builder(channels) -> (backbone returning penultimate features, feature width)
+BACKBONES = {"resnet34": resnet34_cifar, "wrn40_2": wrn40_2, "small_cnn": small_cnn}
 
 
 def build_classifier(
@@ -137,9 +136,9 @@ def build_classifier(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> Classifier:
-    if arch not in _BACKBONES:
-        raise UserError(f"unknown classifier.arch {arch!r}; choose one of {list(_BACKBONES)}")
-    backbone, feature_dim = _BACKBONES[arch](channels)
+    if arch not in BACKBONES:
+        raise UserError(f"unknown classifier.arch {arch!r}; choose one of {list(BACKBONES)}")
+    backbone, feature_dim = BACKBONES[arch](channels)
     mean = list(mean) if mean is not None else [0.5] * channels
     std = list(std) if std is not None else [0.5] * channels
     return Classifier(backbone, feature_dim, num_classes, mean, std)
@@ -169,12 +168,17 @@ class ConvertMode:
         return image if image.mode == self.mode else image.convert(self.mode)
 
 
-def _augmentation(benchmark: Benchmark) -> list:
+def _augmentation(benchmark: Benchmark, augment: str) -> list:
+    """`crop`: padded random crop (CIFAR's, train_ood_det_cifar100.py:107); `resized_crop`: random
+    resized crop (ImageNet's, train_ood_det_in100.py:127, 170); each then a flip where images allow it."""
     size = benchmark.image_size
     # Digits are not mirror-symmetric; natural images are. Small (digit-sized) benchmarks
     # skip the flip unless their entry says otherwise.
     flip = benchmark.extra.get("hflip", size >= 32)
-    steps: list = [transforms.RandomCrop(size, padding=benchmark.extra.get("crop_padding", max(1, size // 8)))]
+    if augment == "resized_crop":
+        steps: list = [transforms.RandomResizedCrop(size)]
+    else:
+        steps = [transforms.RandomCrop(size, padding=benchmark.extra.get("crop_padding", max(1, size // 8)))]
     if flip:
         steps.append(transforms.RandomHorizontalFlip())
     return steps
@@ -185,15 +189,18 @@ def eval_transform(benchmark: Benchmark):
     return transforms.Compose([ConvertMode(benchmark.channels), transforms.Resize((size, size)), transforms.ToTensor()])
 
 
-def train_transform(benchmark: Benchmark):
+def train_transform(benchmark: Benchmark, augment: str = "crop"):
     size = benchmark.image_size
-    return transforms.Compose(
-        [ConvertMode(benchmark.channels), transforms.Resize((size, size)), *_augmentation(benchmark), transforms.ToTensor()]
-    )
+    # RandomResizedCrop resizes by itself.
+    resize = [] if augment == "resized_crop" else [transforms.Resize((size, size))]
+    return transforms.Compose([ConvertMode(benchmark.channels), *resize, *_augmentation(benchmark, augment), transforms.ToTensor()])
 
 
-def outlier_transform(benchmark: Benchmark):
-    """Synthetic outliers come at any size: resize each with a random choice of nearest or bilinear."""
+def outlier_transform(benchmark: Benchmark, augment: str = "crop"):
+    """Synthetic outliers come at any size: `crop` resizes each with a random choice of nearest or
+    bilinear (train_ood_det_cifar100.py:127-135), `resized_crop` crops them like the ID images."""
+    if augment == "resized_crop":
+        return train_transform(benchmark, augment)
     size = benchmark.image_size
     resize = transforms.RandomChoice(
         [
@@ -201,7 +208,7 @@ def outlier_transform(benchmark: Benchmark):
             transforms.Resize((size, size), interpolation=InterpolationMode.BILINEAR),
         ]
     )
-    return transforms.Compose([ConvertMode(benchmark.channels), resize, *_augmentation(benchmark), transforms.ToTensor()])
+    return transforms.Compose([ConvertMode(benchmark.channels), resize, *_augmentation(benchmark, augment), transforms.ToTensor()])
 
 
 def open_images(folder: str | Path, transform, stage: str) -> NumericImageFolder:

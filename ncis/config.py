@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ncis.errors import UserError
 
@@ -116,25 +116,56 @@ class SynthesizeParams(Section):
 
 
 class ClassifierParams(Section):
-    arch: Literal["resnet34", "wrn40_2", "small_cnn"] = "resnet34"
+    arch: str = Field("resnet34", description="a name in ncis.classifiers.BACKBONES: resnet34, wrn40_2, small_cnn")
+    init: str = Field(
+        "",
+        description="folder of a classifier train-classifier saved (e.g. a classifier.outliers=none run) to start from; empty = random init",
+    )
     outliers: Literal["ncis", "none", "noise"] = "ncis"
     epochs: int = Field(250, ge=1)
     lr: float = Field(0.1, gt=0)
+    lr_min: float = Field(0.0, ge=0, description="learning rate the cosine schedule ends at")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     batch_size: int = Field(256, ge=1)
     outlier_batch_size: int = Field(256, ge=1)
-    max_outliers: int = Field(6400, ge=1)
+    max_outliers: int = Field(6400, ge=0, description="seeded random subset of the synthetic outliers (0 = all)")
+    augment: Literal["crop", "resized_crop"] = Field("crop", description="crop: padded random crop; resized_crop: random resized crop")
     energy_weight: float = Field(0.1, ge=0)
-    energy_head: Literal["free", "monotone"] = "free"
+    energy_head: Literal["free", "monotone", "mlp"] = Field(
+        "free", description="P(ID | energy): free/monotone logistic regression (w >= 0 for monotone), or an MLP 1-hidden-2"
+    )
+    energy_head_hidden: int = Field(512, ge=1, description="hidden width of the mlp energy head")
+    keep_checkpoints: int = Field(2, ge=1, description="newest per-epoch checkpoints kept for resuming")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        from ncis.classifiers import BACKBONES  # lazy: importing config stays cheap
+
+        if value not in BACKBONES:
+            raise ValueError(f"unknown architecture {value!r}; choose one of {list(BACKBONES)}")
+        return value
 
 
 class EvaluateParams(Section):
-    score: Literal["energy", "msp", "odin", "mahalanobis", "knn"] = "energy"
+    score: str = Field("energy", description="a name in ncis.scores.SCORERS: energy, msp, odin, mahalanobis, knn")
+    ood_fraction: float = Field(
+        0.0, ge=0, description="per OOD set, score a seeded random subset of this fraction of the ID test size (0 = all images)"
+    )
     batch_size: int = Field(256, ge=1)
     odin_temperature: float = Field(1000.0, gt=0)
     odin_epsilon: float = Field(0.0014, ge=0)
     knn_k: int = Field(50, ge=1)
+
+    @field_validator("score")
+    @classmethod
+    def _known_score(cls, value: str) -> str:
+        from ncis.scores import SCORERS  # lazy: importing config stays cheap
+
+        if value not in SCORERS:
+            raise ValueError(f"unknown score {value!r}; choose one of {list(SCORERS)}")
+        return value
 
 
 class TrackingParams(Section):

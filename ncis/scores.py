@@ -13,9 +13,6 @@ from sklearn.neighbors import NearestNeighbors
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-SCORES = ("energy", "msp", "odin", "mahalanobis", "knn")
-
-
 def energy_score(logits: torch.Tensor) -> torch.Tensor:
     """Negative free energy, logsumexp of the logits (Liu et al. 2020)."""
     return torch.logsumexp(logits, dim=1)
@@ -54,6 +51,11 @@ def extract_features(model, loader: DataLoader, device: torch.device) -> tuple[n
 class Scorer:
     needs_fit = False
 
+    @classmethod
+    def from_params(cls, evaluate_params) -> "Scorer":
+        """Build from the `evaluate` section (each scorer reads its own keys)."""
+        return cls()
+
     def fit(self, model, train_loader: DataLoader, device: torch.device) -> None:
         """Fit on the ID training set (no-op for output-based scores)."""
 
@@ -78,6 +80,10 @@ class MSPScorer(Scorer):
 class OdinScorer(Scorer):
     def __init__(self, temperature: float, epsilon: float):
         self.temperature, self.epsilon = temperature, epsilon
+
+    @classmethod
+    def from_params(cls, evaluate_params) -> "OdinScorer":
+        return cls(evaluate_params.odin_temperature, evaluate_params.odin_epsilon)
 
     def __call__(self, model, images):
         with torch.no_grad():
@@ -121,6 +127,10 @@ class KNNScorer(Scorer):
     def __init__(self, k: int):
         self.k = k
 
+    @classmethod
+    def from_params(cls, evaluate_params) -> "KNNScorer":
+        return cls(evaluate_params.knn_k)
+
     def fit(self, model, train_loader, device):
         features, _ = extract_features(model, train_loader, device)
         self.index = NearestNeighbors(n_neighbors=min(self.k, len(features))).fit(_normalise(features))
@@ -136,19 +146,21 @@ def _normalise(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
 
 
+# The one list of scores (name -> class): `evaluate.score` is validated against it (ncis/config.py).
+SCORERS: dict[str, type[Scorer]] = {
+    "energy": EnergyScorer,
+    "msp": MSPScorer,
+    "odin": OdinScorer,
+    "mahalanobis": MahalanobisScorer,
+    "knn": KNNScorer,
+}
+
+
 def make_scorer(evaluate_params) -> Scorer:
     name = evaluate_params.score
-    if name == "energy":
-        return EnergyScorer()
-    if name == "msp":
-        return MSPScorer()
-    if name == "odin":
-        return OdinScorer(evaluate_params.odin_temperature, evaluate_params.odin_epsilon)
-    if name == "mahalanobis":
-        return MahalanobisScorer()
-    if name == "knn":
-        return KNNScorer(evaluate_params.knn_k)
-    raise ValueError(f"unknown score {name!r}; choose one of {SCORES}")
+    if name not in SCORERS:
+        raise ValueError(f"unknown score {name!r}; choose one of {list(SCORERS)}")
+    return SCORERS[name].from_params(evaluate_params)
 
 
 def score_loader(model, scorer: Scorer, loader: DataLoader, device: torch.device) -> dict[str, np.ndarray]:

@@ -3,9 +3,16 @@
 The regulariser is a logistic-regression head on the energy E(x) = logsumexp(logits)
 (higher = more ID): P(ID | x) = sigmoid(w * E(x) + b), trained jointly with the
 classifier on ID (label 1) and outlier (label 0) batches. `energy_head: free` lets w take
-either sign, as in the paper; `monotone` keeps w >= 0 so that P(ID) never decreases with
-energy. A free head that turns negative has learned that outliers have the HIGHER
-energy, and its gradient then pushes the classifier further that way: we warn and log it.
+either sign, as in the paper's CIFAR-100 code (a Linear(1, 2) head, LarsDoorenbos/NCIS
+scripts/train_ood_det_cifar100.py:210-212, 280-290); `monotone` keeps w >= 0 so that P(ID)
+never decreases with energy. A free head that turns negative has learned that outliers have
+the HIGHER energy, and its gradient then pushes the classifier further that way: we warn and
+log it. `mlp` is the paper's ImageNet-100 head, 1 -> 512 -> ReLU -> 2
+(scripts/train_ood_det_in100.py:218-222).
+
+`classifier.init` starts from a classifier this stage saved before, e.g. the paper's
+ImageNet-100 recipe: a cross-entropy run (`classifier.outliers: none`), then a fine-tuning
+run with the energy regulariser from it (configs/imagenet100.yaml).
 
 Every epoch writes a checkpoint (safetensors + JSON, no pickle); a stopped run resumes
 from the last complete one.
@@ -29,6 +36,7 @@ from tqdm import tqdm
 
 from ncis import tracking
 from ncis.classifiers import (
+    Classifier,
     build_classifier,
     eval_transform,
     make_loader,
@@ -38,13 +46,12 @@ from ncis.classifiers import (
 )
 from ncis.datasets import get_benchmark
 from ncis.errors import UserError
-from ncis.io import atomic_path, files_signature, save_weights
+from ncis.io import atomic_path, files_signature, load_weights, save_weights
 from ncis.layout import layout_for
 from ncis.metrics import auroc
 from ncis.runtime import resolve_device, seed_everything, single_cpu_thread
 from ncis.scores import energy_score
 
-KEEP_CHECKPOINTS = 2  # older ones are deleted: a ResNet-34 checkpoint is ~170 MB, the paper trains 250 epochs
 NORMALISATION_IMAGES = 5000  # mean/std are estimated on at most this many ID training images
 
 
@@ -74,15 +81,37 @@ class EnergyHead(nn.Module):
         return self.weight * energy + self.bias
 
 
-def energy_regulariser(head: EnergyHead, id_energy: torch.Tensor, outlier_energy: torch.Tensor) -> torch.Tensor:
+class MLPEnergyHead(nn.Module):
+    """The paper's ImageNet-100 head: Linear(1, hidden), ReLU, Linear(hidden, 2); `forward` returns
+    the logit of ID, so binary cross-entropy on it equals their two-class cross-entropy."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+
+    def forward(self, energy: torch.Tensor) -> torch.Tensor:
+        logits = self.layers(energy.unsqueeze(-1))
+        return logits[..., 1] - logits[..., 0]
+
+
+def build_energy_head(settings) -> nn.Module:
+    if settings.energy_head == "mlp":
+        return MLPEnergyHead(settings.energy_head_hidden)
+    return EnergyHead(monotone=settings.energy_head == "monotone")
+
+
+def energy_regulariser(head: nn.Module, id_energy: torch.Tensor, outlier_energy: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy of the head: ID energies labelled 1, outlier energies 0."""
     logits = head(torch.cat([id_energy, outlier_energy]))
     targets = torch.cat([torch.ones_like(id_energy), torch.zeros_like(outlier_energy)])
     return F.binary_cross_entropy_with_logits(logits, targets)
 
 
-def head_report(head: EnergyHead, id_energy: torch.Tensor, outlier_energy: torch.Tensor, epoch: int) -> dict[str, float]:
+def head_report(head: nn.Module, id_energy: torch.Tensor, outlier_energy: torch.Tensor, epoch: int) -> dict[str, float]:
     """The head's direction and how well energy alone separates ID from outliers; warns if reversed."""
+    separation = {"energy_head/auroc": auroc(id_energy.numpy(), outlier_energy.numpy())}
+    if not isinstance(head, EnergyHead):
+        return separation  # an MLP has no single direction
     weight = float(head.weight.detach())
     reversed_ = weight < 0
     if reversed_:
@@ -95,9 +124,17 @@ def head_report(head: EnergyHead, id_energy: torch.Tensor, outlier_energy: torch
     return {
         "energy_head/weight": weight,
         "energy_head/bias": float(head.bias.detach()),
-        "energy_head/auroc": auroc(id_energy.numpy(), outlier_energy.numpy()),
+        **separation,
         "energy_head/reversed": float(reversed_),
     }
+
+
+def head_config(head: nn.Module, settings) -> dict:
+    """What config.json records about the trained head."""
+    config = {"mode": settings.energy_head, "energy_weight": settings.energy_weight}
+    if isinstance(head, EnergyHead):
+        return config | {"weight": float(head.weight.detach()), "bias": float(head.bias.detach())}
+    return config | {"hidden": settings.energy_head_hidden}
 
 
 # --- data ---------------------------------------------------------------------------------
@@ -126,9 +163,11 @@ def outlier_dataset(params, layout, benchmark) -> Dataset | None:
     if settings.outliers == "none":
         return None
     if settings.outliers == "noise":
+        if not settings.max_outliers:
+            raise UserError("classifier.outliers=noise draws classifier.max_outliers noise images; set it above 0")
         return NoiseImages(settings.max_outliers, benchmark.channels, benchmark.image_size, params.seed)
-    dataset = open_images(layout.synthetic_images, outlier_transform(benchmark), "synthesize")
-    if len(dataset) > settings.max_outliers:
+    dataset = open_images(layout.synthetic_images, outlier_transform(benchmark, settings.augment), "synthesize")
+    if settings.max_outliers and len(dataset) > settings.max_outliers:
         keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(params.seed))[: settings.max_outliers]
         dataset = Subset(dataset, keep.tolist())
     return dataset
@@ -174,7 +213,8 @@ def _checkpoint_dirs(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(folder: Path, epoch: int, model, head, optimizer, scheduler, meta: dict) -> None:
+def save_checkpoint(folder: Path, epoch: int, model, head, optimizer, scheduler, meta: dict, keep: int) -> None:
+    """Write epoch `epoch`'s checkpoint, then delete all but the `keep` newest (a ResNet-34 one is ~170 MB)."""
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"head/{k}": v for k, v in head.state_dict().items()})
     optim = optimizer.state_dict()
@@ -195,7 +235,7 @@ def save_checkpoint(folder: Path, epoch: int, model, head, optimizer, scheduler,
         tmp.mkdir()
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
-    for _, old in _checkpoint_dirs(folder)[:-KEEP_CHECKPOINTS]:
+    for _, old in _checkpoint_dirs(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -223,21 +263,36 @@ def resume(folder: Path, fingerprint: dict, epochs: int, model, head, optimizer,
         return 0, {}
     epoch, path = found[-1]
     meta = json.loads((path / "state.json").read_text())
-    if meta.get("fingerprint") != fingerprint or epoch > epochs:
-        why = "other settings or data" if meta.get("fingerprint") != fingerprint else f"{epoch} > {epochs} epochs"
-        print(f"train-classifier: {folder} holds checkpoints of another run ({why}); starting from scratch")
+    if meta.get("fingerprint") != fingerprint:
+        print(f"train-classifier: {folder} holds checkpoints of another run (other settings or data); starting from scratch")
         shutil.rmtree(folder)
         return 0, {}
-    meta = load_checkpoint(path, model, head, optimizer, scheduler, device)
     if meta["epochs"] != epochs:
-        # The cosine schedule was planned over the old length: stretch it to the new one from here on.
-        print(f"train-classifier: extending the schedule from {meta['epochs']} to {epochs} epochs")
-        scheduler.T_max = epochs * meta["steps_per_epoch"]
+        # Its cosine schedule was planned over the old length; stretching it from the middle
+        # would give a schedule neither run describes.
+        raise UserError(
+            f"{folder} holds {epoch} epoch(s) of a {meta['epochs']}-epoch run, whose learning-rate schedule cannot change "
+            f"length; set classifier.epochs={meta['epochs']} to finish it, or delete {folder} to train {epochs} epochs from scratch"
+        )
+    meta = load_checkpoint(path, model, head, optimizer, scheduler, device)
     print(f"train-classifier: resuming after epoch {epoch} from {path}")
     return epoch, meta.get("stats", {})
 
 
 # --- training -----------------------------------------------------------------------------
+
+
+def batch_loss(model, head, images, labels, outlier_images, energy_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy on the ID images + energy_weight x the energy regulariser, logits of ID then outliers)."""
+    count = len(images)
+    # One forward pass over ID + outliers, so BatchNorm sees both (as the paper's code does,
+    # train_ood_det_cifar100.py:261-267).
+    logits = model(images if outlier_images is None else torch.cat([images, outlier_images]))
+    loss = F.cross_entropy(logits[:count], labels)
+    if outlier_images is not None:
+        energy = energy_score(logits)
+        loss = loss + energy_weight * energy_regulariser(head, energy[:count], energy[count:])
+    return loss, logits
 
 
 def train_epoch(model, head, optimizer, scheduler, id_loader, outlier_loader, settings, device, epoch: int) -> dict:
@@ -251,17 +306,12 @@ def train_epoch(model, head, optimizer, scheduler, id_loader, outlier_loader, se
     for images, labels in progress:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         count = len(images)
+        outlier_images = next(outliers)[0].to(device, non_blocking=True) if outliers is not None else None
+        loss, logits = batch_loss(model, head, images, labels, outlier_images, settings.energy_weight)
         if outliers is not None:
-            # One forward pass over ID + outliers, so BatchNorm sees both (as in OE / VOS).
-            logits = model(torch.cat([images, next(outliers)[0].to(device, non_blocking=True)]))
-        else:
-            logits = model(images)
-        loss = F.cross_entropy(logits[:count], labels)
-        if outliers is not None:
-            energy = energy_score(logits)
-            loss = loss + settings.energy_weight * energy_regulariser(head, energy[:count], energy[count:])
-            id_energies.append(energy[:count].detach())  # kept on the device: no sync per step
-            outlier_energies.append(energy[count:].detach())
+            energy = energy_score(logits.detach())
+            id_energies.append(energy[:count])  # kept on the device: no sync per step
+            outlier_energies.append(energy[count:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -296,19 +346,51 @@ def main(params) -> dict:
         return train(params, device)
 
 
+def read_init(folder: Path, settings, benchmark, layout) -> tuple[dict[str, torch.Tensor], dict]:
+    """Weights and config of the classifier `classifier.init` names, checked against this run."""
+    if folder.resolve() == layout.classifier.resolve():
+        raise UserError(f"classifier.init={folder} is the folder this stage rewrites; copy that classifier elsewhere first")
+    if not (folder / "model.safetensors").exists() or not (folder / "config.json").exists():
+        raise UserError(
+            f"classifier.init={folder} holds no classifier (model.safetensors + config.json); "
+            "train one first, e.g. with classifier.outliers=none"
+        )
+    weights, config = load_weights(folder)
+    wanted = {"arch": settings.arch, "num_classes": benchmark.num_classes, "channels": benchmark.channels, "image_size": benchmark.image_size}
+    found = {key: config.get(key) for key in wanted}
+    if found != wanted:
+        raise UserError(f"classifier.init={folder} is a {found} classifier, this run trains a {wanted} one; point it at a matching classifier")
+    return weights, config
+
+
+def build_model(params, layout, benchmark, device) -> tuple[Classifier, list[float], list[float]]:
+    """The classifier to train: from `classifier.init` if set, else new, normalised with the ID training set's stats."""
+    settings = params.classifier
+    if settings.init:
+        weights, config = read_init(Path(settings.init), settings, benchmark, layout)
+        mean, std = config["mean"], config["std"]
+    else:
+        eval_images = open_images(layout.id_train, eval_transform(benchmark), "prepare")
+        mean, std = channel_stats(eval_images, params.seed, device)
+    model = build_classifier(settings.arch, benchmark.num_classes, benchmark.channels, mean, std)
+    if settings.init:
+        model.load_state_dict(weights)
+    return model.to(device), mean, std
+
+
 def train(params, device: torch.device) -> dict:
     layout = layout_for(params)
     benchmark = get_benchmark(params.benchmark)
     settings = params.classifier
     seed_everything(params.seed)
 
-    id_train = open_images(layout.id_train, train_transform(benchmark), "prepare")
+    # 1. Data and model
+    id_train = open_images(layout.id_train, train_transform(benchmark, settings.augment), "prepare")
     outliers = outlier_dataset(params, layout, benchmark)
-    eval_images = open_images(layout.id_train, eval_transform(benchmark), "prepare")
-    mean, std = channel_stats(eval_images, params.seed, device)
+    model, mean, std = build_model(params, layout, benchmark, device)
+    head = build_energy_head(settings).to(device)
 
-    model = build_classifier(settings.arch, benchmark.num_classes, benchmark.channels, mean, std).to(device)
-    head = EnergyHead(monotone=settings.energy_head == "monotone").to(device)
+    # 2. Optimiser, loaders, schedule
     optimizer = torch.optim.SGD(
         [*model.parameters(), *head.parameters()],
         lr=settings.lr,
@@ -320,19 +402,24 @@ def train(params, device: torch.device) -> dict:
     id_loader = make_loader(id_train, settings.batch_size, device, id_generator)
     outlier_loader = make_loader(outliers, settings.outlier_batch_size, device, outlier_generator) if outliers is not None else None
     steps_per_epoch = len(id_loader)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=settings.epochs * steps_per_epoch, eta_min=settings.lr_min
+    )
 
-    # A checkpoint is resumed only by the same run: same settings (but the number of epochs), same input files.
+    # 3. Resume: a checkpoint is resumed only by the same run (same settings, same input files).
     fingerprint = {
         "benchmark": params.benchmark,
         "seed": params.seed,
-        "classifier": {k: v for k, v in settings.model_dump().items() if k != "epochs"},
+        "classifier": {k: v for k, v in settings.model_dump().items() if k not in ("epochs", "keep_checkpoints")},
         "id_train": files_signature(layout.id_train),
         "outliers": files_signature(layout.synthetic_images) if settings.outliers == "ncis" else settings.outliers,
+        "init": files_signature(Path(settings.init)) if settings.init else "",
     }
     done, stats = resume(
         layout.classifier_checkpoints, fingerprint, settings.epochs, model, head, optimizer, scheduler, device
     )
+
+    # 4. Train, one checkpoint per epoch
     for epoch in range(done + 1, settings.epochs + 1):
         # Every epoch's randomness (order, augmentation, dropout) derives from (seed, epoch) alone,
         # so a resumed run draws exactly what an uninterrupted one would have.
@@ -357,8 +444,10 @@ def train(params, device: torch.device) -> dict:
                 "stats": stats,
                 "rng": {"scheme": "reseeded at the start of every epoch from (seed, epoch)", "seed": params.seed},
             },
+            keep=settings.keep_checkpoints,
         )
 
+    # 5. Save
     config = {
         "arch": settings.arch,
         "benchmark": params.benchmark,
@@ -368,19 +457,13 @@ def train(params, device: torch.device) -> dict:
         "mean": mean,
         "std": std,
         "outliers": settings.outliers,
-        "energy_head": None
-        if outliers is None
-        else {
-            "mode": settings.energy_head,
-            "energy_weight": settings.energy_weight,
-            "weight": float(head.weight.detach()),
-            "bias": float(head.bias.detach()),
-        },
+        "energy_head": None if outliers is None else head_config(head, settings),
         "epochs": settings.epochs,
         "train_stats": stats,
     }
     save_weights(layout.classifier, model, config)
     tracking.log_weights(layout.classifier)
+    eval_images = open_images(layout.id_train, eval_transform(benchmark), "prepare")
     examples = torch.stack([eval_images[i][0] for i in range(min(2, len(eval_images)))])
     tracking.log_classifier_model(model.eval(), examples)  # model normalises itself: it takes [0, 1] images
     return config

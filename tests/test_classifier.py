@@ -1,18 +1,32 @@
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.nn import functional as F
 
 from ncis import tracking
-from ncis.classifiers import build_classifier, load_classifier
+from ncis.classifiers import build_classifier, load_classifier, outlier_transform, train_transform
 from ncis.config import params_from_dict
-from ncis.datasets import write_image_folder
+from ncis.datasets import get_benchmark, write_image_folder
+from ncis.io import save_weights
 from ncis.errors import UserError
 from ncis.layout import layout_for
-from ncis.train_classifier import EnergyHead, ReversedEnergyHeadWarning, energy_regulariser, head_report, main
+from ncis.train_classifier import (
+    EnergyHead,
+    MLPEnergyHead,
+    ReversedEnergyHeadWarning,
+    batch_loss,
+    build_model,
+    energy_regulariser,
+    head_report,
+    main,
+    outlier_dataset,
+    save_checkpoint,
+)
 
 
 def make_tiny_data(root, outliers: bool = True) -> None:
@@ -134,21 +148,126 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tmp_path, monk
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)  # bit-identical in practice
 
 
-def test_more_epochs_continue_and_changed_settings_restart(tmp_path, logged_steps):
+def test_more_epochs_are_refused_and_changed_settings_restart(tmp_path, logged_steps):
     make_tiny_data(tmp_path)
     main(tiny_params(tmp_path, epochs=2))
-    main(tiny_params(tmp_path, epochs=3))
-    assert logged_steps == [1, 2, 3]  # the second run trained epoch 3 only
-    assert main(tiny_params(tmp_path, epochs=3))["train_stats"]  # finished: weights rewritten from the checkpoint
-    assert logged_steps == [1, 2, 3]
-    main(tiny_params(tmp_path, epochs=1, lr=0.01))  # another run: its checkpoints don't apply
-    assert logged_steps[3:] == [1]
     layout = layout_for(tiny_params(tmp_path))
+    # Resuming a 2-epoch run for 3 epochs would stretch a cosine schedule planned over 2 mid-way.
+    with pytest.raises(UserError, match=r"2-epoch run.*classifier.epochs=2.*delete") as refused:
+        main(tiny_params(tmp_path, epochs=3))
+    assert "\n" not in str(refused.value)
+    assert logged_steps == [1, 2]  # nothing trained
+    assert sorted(p.name for p in layout.classifier_checkpoints.iterdir()) == ["epoch_0001", "epoch_0002"]
+    assert main(tiny_params(tmp_path, epochs=2))["train_stats"]  # finished: weights rewritten from the checkpoint
+    assert logged_steps == [1, 2]
+    main(tiny_params(tmp_path, epochs=1, lr=0.01))  # another run: its checkpoints don't apply
+    assert logged_steps[2:] == [1]
     assert sorted(p.name for p in layout.classifier_checkpoints.iterdir()) == ["epoch_0001"]
     regenerated = next(layout.synthetic_images.rglob("*.png"))
     os.utime(regenerated, ns=(0, regenerated.stat().st_mtime_ns + 10**9))  # new outliers, same count
     main(tiny_params(tmp_path, epochs=1, lr=0.01))
-    assert logged_steps[4:] == [1]
+    assert logged_steps[3:] == [1]
+
+
+def test_checkpoint_pruning_keeps_the_configured_number(tmp_path, logged_steps):
+    model, head = build_classifier("small_cnn", 10, 1), EnergyHead(monotone=False)
+    optimizer = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10)
+    for epoch in range(1, 6):
+        save_checkpoint(tmp_path, epoch, model, head, optimizer, scheduler, {}, keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0003", "epoch_0004", "epoch_0005"]
+
+    make_tiny_data(tmp_path / "run")
+    main(tiny_params(tmp_path / "run", epochs=3, keep_checkpoints=1))
+    assert [p.name for p in (tmp_path / "run" / "classifier_checkpoints").iterdir()] == ["epoch_0003"]
+
+
+def test_energy_weight_zero_leaves_the_cross_entropy_alone():
+    torch.manual_seed(0)
+    model, head = build_classifier("small_cnn", 10, 1).train(), EnergyHead(monotone=False)
+    images, outliers, labels = torch.rand(6, 1, 8, 8), torch.rand(4, 1, 8, 8), torch.arange(6)
+
+    def loss_and_gradient(weight):
+        model.zero_grad()
+        head.zero_grad()
+        loss, logits = batch_loss(model, head, images, labels, outliers, weight)
+        loss.backward()
+        assert logits.shape == (10, 10)  # ID and outliers in one pass
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]), head.raw_weight.grad
+
+    cross_entropy, cross_entropy_gradient, head_gradient = loss_and_gradient(0.0)
+    model.zero_grad()
+    expected = F.cross_entropy(model(torch.cat([images, outliers]))[:6], labels)
+    expected.backward()
+    assert cross_entropy == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(cross_entropy_gradient, torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert head_gradient is None or head_gradient.abs().item() == 0
+    regularised, regularised_gradient, _ = loss_and_gradient(1.0)
+    assert regularised > cross_entropy and not torch.allclose(regularised_gradient, cross_entropy_gradient)
+
+
+def test_mlp_head_is_the_two_class_cross_entropy_of_a_1_hidden_2_network():
+    head = MLPEnergyHead(hidden=512)
+    assert [tuple(p.shape) for p in head.parameters()] == [(512, 1), (512,), (2, 512), (2,)]
+    id_energy, outlier_energy = torch.randn(5) + 2, torch.randn(3)
+    two_class = F.cross_entropy(head.layers(torch.cat([id_energy, outlier_energy])[:, None]), torch.tensor([1] * 5 + [0] * 3))
+    torch.testing.assert_close(energy_regulariser(head, id_energy, outlier_energy), two_class)
+
+
+def test_max_outliers_caps_the_outlier_set_with_a_seeded_subset(tmp_path):
+    make_tiny_data(tmp_path)  # 12 synthetic outliers
+
+    def chosen(max_outliers, seed=0):
+        params = params_from_dict({"outputs": str(tmp_path), "seed": seed, "classifier": {"max_outliers": max_outliers}})
+        dataset = outlier_dataset(params, layout_for(params), get_benchmark("digits"))
+        return list(dataset.indices) if hasattr(dataset, "indices") else list(range(len(dataset)))
+
+    assert len(chosen(5)) == 5 and len(set(chosen(5))) == 5
+    assert chosen(5) == chosen(5) and chosen(5) != chosen(5, seed=1)
+    assert chosen(0) == chosen(50) == list(range(12))  # 0 = all
+
+
+def test_resized_crop_augmentation_gives_the_benchmark_size():
+    from PIL import Image
+
+    benchmark = get_benchmark("digits")
+    transform = train_transform(benchmark, "resized_crop")
+    assert any(type(step).__name__ == "RandomResizedCrop" for step in transform.transforms)
+    assert outlier_transform(benchmark, "resized_crop")(Image.new("L", (20, 30))).shape == (1, 8, 8)
+    assert not any(type(step).__name__ == "RandomResizedCrop" for step in train_transform(benchmark).transforms)
+
+
+def test_init_starts_from_a_saved_classifier_and_refuses_mismatches(tmp_path, logged_steps):
+    make_tiny_data(tmp_path / "ce")
+    first = main(tiny_params(tmp_path / "ce", epochs=1, outliers="none"))
+    init = tmp_path / "cross_entropy"
+    shutil.copytree(tmp_path / "ce" / "classifier", init)
+
+    make_tiny_data(tmp_path / "ft")
+    params = tiny_params(tmp_path / "ft", epochs=2, init=str(init), energy_weight=1.0, lr_min=0.01)
+    model, mean, std = build_model(params, layout_for(params), get_benchmark("digits"), torch.device("cpu"))
+    reference, _ = load_classifier(init)
+    images = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images), reference(images), rtol=0, atol=0)  # equal logits before training
+    assert (mean, std) == (first["mean"], first["std"])
+    fine_tuned = main(params)
+    assert fine_tuned["mean"] == first["mean"] and fine_tuned["energy_head"]["energy_weight"] == 1.0
+    assert fine_tuned["train_stats"]["train/lr"] == pytest.approx(0.01)  # the cosine ends at lr_min
+    tuned, _ = load_classifier(tmp_path / "ft" / "classifier")
+    with torch.no_grad():
+        assert not torch.allclose(tuned(images), reference(images))
+
+    other_arch = tmp_path / "wrn"
+    save_weights(other_arch, build_classifier("wrn40_2", 10, 1), {**first, "arch": "wrn40_2"})
+    other_classes = tmp_path / "five"
+    save_weights(other_classes, build_classifier("small_cnn", 5, 1), {**first, "num_classes": 5})
+    for folder, why in [(other_arch, "wrn40_2"), (other_classes, "'num_classes': 5"), (tmp_path / "nothing", "holds no classifier")]:
+        with pytest.raises(UserError, match=why) as refused:
+            main(tiny_params(tmp_path / "ft", init=str(folder)))
+        assert "\n" not in str(refused.value) and "classifier.init" in str(refused.value)
+    with pytest.raises(UserError, match="rewrites"):
+        main(tiny_params(tmp_path / "ft", init=str(tmp_path / "ft" / "classifier")))
 
 
 def test_baseline_and_noise_outliers_need_no_synthetic_images(tmp_path, logged_steps):
