@@ -6,11 +6,14 @@ same numbers to MLflow, prints a table and draws score histograms and ROC curves
 
 from __future__ import annotations
 
+import math
+import zlib
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure  # the object API needs no pyplot and no GUI backend
 from sklearn.metrics import roc_curve
+from torch.utils.data import Subset
 
 from ncis import tracking
 from ncis.classifiers import eval_transform, load_classifier, make_loader, open_images
@@ -33,8 +36,23 @@ def _check_compatible(config: dict, benchmark, folder: Path) -> None:
         )
 
 
-def _scores(model, scorer, folder: Path, transform, batch_size: int, device, what: str) -> dict[str, np.ndarray]:
-    result = score_loader(model, scorer, make_loader(open_images(folder, transform, "prepare"), batch_size, device), device)
+def ood_subset(num_images: int, id_count: int, fraction: float, seed: int, name: str) -> np.ndarray | None:
+    """Indices of the OOD images to score: a seeded random floor(fraction x ID test size) of them, as the paper
+    scores len(ID test) // 5 per set (LarsDoorenbos/NCIS scripts/test_ood_cifar100.py:98, 113-114, 148);
+    None (all) when fraction is 0 or the set is no larger. Each set draws from its own seed, so adding a
+    set leaves the others' subsets as they were."""
+    size = max(1, math.floor(fraction * id_count + 1e-9))
+    if fraction == 0 or size >= num_images:
+        return None
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    return np.sort(rng.choice(num_images, size, replace=False))
+
+
+def _scores(model, scorer, folder: Path, transform, batch_size: int, device, what: str, subset=None) -> dict[str, np.ndarray]:
+    images = open_images(folder, transform, "prepare")
+    if subset is not None:
+        images = Subset(images, subset.tolist())
+    result = score_loader(model, scorer, make_loader(images, batch_size, device), device)
     if not np.isfinite(result["scores"]).all():
         raise UserError(f"the classifier gives non-finite scores on {what} ({folder}); retrain it (lower classifier.lr)")
     return result
@@ -132,10 +150,12 @@ def main(params) -> dict:
         train = open_images(layout.id_train, transform, "prepare")
         scorer.fit(model, make_loader(train, settings.batch_size, device), device)
     id_result = _scores(model, scorer, layout.id_test, transform, settings.batch_size, device, "the ID test set")
-    ood_scores = {
-        name: _scores(model, scorer, layout.ood(name), transform, settings.batch_size, device, f"OOD set {name!r}")["scores"]
-        for name in benchmark.ood_sets
-    }
+    ood_scores = {}
+    for name in benchmark.ood_sets:
+        count = len(open_images(layout.ood(name), None, "prepare"))
+        subset = ood_subset(count, len(id_result["scores"]), settings.ood_fraction, params.seed, name)
+        what = f"OOD set {name!r}"
+        ood_scores[name] = _scores(model, scorer, layout.ood(name), transform, settings.batch_size, device, what, subset)["scores"]
     id_accuracy = accuracy(id_result["logits"], id_result["labels"])
     metrics = build_metrics(benchmark, settings.score, id_accuracy, id_result["scores"], ood_scores)
 

@@ -11,7 +11,7 @@ from ncis.classifiers import build_classifier
 from ncis.config import params_from_dict
 from ncis.datasets import get_benchmark, write_image_folder
 from ncis.errors import UserError
-from ncis.evaluate import main
+from ncis.evaluate import main, ood_subset
 from ncis.io import save_weights
 from ncis.layout import layout_for
 from ncis.scores import KNNScorer, MahalanobisScorer, energy_score, msp_score, odin_score, score_loader
@@ -19,8 +19,9 @@ from ncis.scores import KNNScorer, MahalanobisScorer, energy_score, msp_score, o
 METRICS = {"fpr95", "auroc", "aupr_in", "aupr_out"}
 
 
-def tiny_params(root, score="energy"):
-    return params_from_dict({"outputs": str(root), "device": "cpu", "evaluate": {"score": score, "batch_size": 16, "knn_k": 3}})
+def tiny_params(root, score="energy", **evaluate):
+    settings = {"score": score, "batch_size": 16, "knn_k": 3, **evaluate}
+    return params_from_dict({"outputs": str(root), "device": "cpu", "evaluate": settings})
 
 
 def make_tiny_benchmark(root, channels=1) -> None:
@@ -40,9 +41,9 @@ def make_tiny_benchmark(root, channels=1) -> None:
 class FlatFeatures(nn.Module):
     """A 'classifier' whose penultimate features are its input, to test the feature-space scores."""
 
-    def __init__(self):
+    def __init__(self, dim=2):
         super().__init__()
-        self.fc = nn.Linear(2, 2)
+        self.fc = nn.Linear(dim, 2)
 
     def features(self, images):
         return images.flatten(1)
@@ -76,6 +77,80 @@ def test_feature_scores_prefer_points_near_the_training_clusters(scorer):
     near, between, far = result["scores"][:2], result["scores"][2], result["scores"][3]
     assert result["logits"].shape == (4, 2)
     assert near.min() > between > far
+
+
+def test_odin_without_temperature_or_step_is_msp():
+    model = build_classifier("small_cnn", 10, 1).eval()
+    images = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        expected = msp_score(model(images))
+    torch.testing.assert_close(odin_score(model, images, temperature=1.0, epsilon=0.0), expected)
+    assert not torch.allclose(odin_score(model, images, temperature=1000.0, epsilon=0.0), expected)
+
+
+def test_odin_steps_the_input_towards_higher_confidence():
+    torch.manual_seed(0)
+    # Linear logits: the cross-entropy is convex in the input, so a small step against its gradient's sign raises the MSP.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5)).double()
+    images = torch.rand(8, 3, 2, 2, dtype=torch.float64)
+    before = odin_score(model, images, temperature=1000.0, epsilon=0.0)
+    after = odin_score(model, images, temperature=1000.0, epsilon=0.01)
+    assert torch.all(after > before)
+
+
+def test_knn_scores_the_kth_neighbour_distance():
+    generator = torch.Generator().manual_seed(0)
+    train = torch.randn(40, 3, generator=generator)
+    probes = torch.randn(6, 3, generator=generator)
+    scorer = KNNScorer(k=4)
+    model = FlatFeatures(dim=3)
+    scorer.fit(model, DataLoader(TensorDataset(train.view(40, 3, 1, 1), torch.zeros(40, dtype=torch.long)), batch_size=16), torch.device("cpu"))
+    scores = score_loader(model, scorer, DataLoader(TensorDataset(probes.view(6, 3, 1, 1), torch.zeros(6, dtype=torch.long))), torch.device("cpu"))["scores"]
+    unit = lambda x: x / x.norm(dim=1, keepdim=True)  # noqa: E731
+    distances = torch.cdist(unit(probes).double(), unit(train).double()).sort(dim=1).values
+    np.testing.assert_allclose(scores, -distances[:, 3].numpy(), rtol=1e-5)
+    assert not np.allclose(scores, -distances[:, 0].numpy(), rtol=1e-3)  # the nearest would differ
+
+
+def test_mahalanobis_is_the_distance_under_the_tied_class_covariance():
+    rng = np.random.default_rng(0)
+    labels = np.arange(90) % 3
+    means = np.array([[0.0, 0.0, 0.0], [4.0, 0.0, 1.0], [0.0, 5.0, -2.0]])
+    mixing = np.array([[2.0, 0.0, 0.0], [1.0, 0.5, 0.0], [0.0, 0.3, 0.2]])  # anisotropic and correlated
+    features = (means[labels] + rng.normal(size=(90, 3)) @ mixing.T).astype(np.float32)
+    probes = rng.normal(size=(7, 3)).astype(np.float32) * 3
+    scorer, model = MahalanobisScorer(), FlatFeatures(dim=3)
+    scorer.fit(model, DataLoader(TensorDataset(torch.as_tensor(features).view(90, 3, 1, 1), torch.as_tensor(labels)), batch_size=32), torch.device("cpu"))
+    loader = DataLoader(TensorDataset(torch.as_tensor(probes).view(7, 3, 1, 1), torch.zeros(7, dtype=torch.long)))
+    scores = score_loader(model, scorer, loader, torch.device("cpu"))["scores"]
+
+    class_means = np.stack([features[labels == c].mean(0) for c in range(3)]).astype(np.float64)
+    centred = features - class_means[labels]
+    precision = np.linalg.inv(centred.T @ centred / len(features))  # one covariance shared by all classes
+    diff = probes[:, None, :] - class_means[None]
+    expected = -np.einsum("ncd,de,nce->nc", diff, precision, diff).min(axis=1)
+    np.testing.assert_allclose(scores, expected, rtol=1e-4)
+
+
+def test_ood_subset_is_seeded_and_a_fraction_of_the_id_test_size():
+    chosen = ood_subset(500, 100, 0.2, seed=0, name="svhn")
+    assert len(chosen) == 20 and len(set(chosen.tolist())) == 20 and 0 <= chosen.min() and chosen.max() < 500
+    np.testing.assert_array_equal(chosen, ood_subset(500, 100, 0.2, seed=0, name="svhn"))
+    assert not np.array_equal(chosen, ood_subset(500, 100, 0.2, seed=1, name="svhn"))
+    assert not np.array_equal(chosen, ood_subset(500, 100, 0.2, seed=0, name="lsun"))
+    assert len(ood_subset(10_000, 10_000, 0.2, seed=0, name="svhn")) == 2000  # the paper's CIFAR-100 count
+    assert ood_subset(500, 100, 0.0, seed=0, name="svhn") is None  # 0 = every image
+    assert ood_subset(15, 100, 0.2, seed=0, name="svhn") is None  # a smaller set is scored whole
+
+
+def test_evaluate_scores_the_ood_subset_only(tmp_path, monkeypatch):
+    make_tiny_benchmark(tmp_path)  # 20 ID test images, 12 per OOD set
+    scored = {}
+    monkeypatch.setattr(evaluate, "write_plots", lambda folder, score, id_scores, ood_scores, metrics: scored.update(ood_scores))
+    main(tiny_params(tmp_path, ood_fraction=0.25))
+    assert {name: len(scores) for name, scores in scored.items()} == dict.fromkeys(("letters", "photos", "textures", "noise"), 5)
+    main(tiny_params(tmp_path))
+    assert {len(scores) for scores in scored.values()} == {12}
 
 
 def _check_metrics_file(path, score) -> dict:
