@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from ncis import registry
 from ncis.datasets import Benchmark, NumericImageFolder, image_folder
 from ncis.errors import UserError
 from ncis.io import load_weights
@@ -124,10 +125,6 @@ def wrn40_2(channels: int) -> tuple[nn.Module, int]:
     return net, net.out_features
 
 
-# The one list of architectures: `classifier.arch` is validated against it (ncis/config.py).
-# name -> builder(channels) -> (backbone returning penultimate features, feature width)
-BACKBONES = {"resnet34": resnet34_cifar, "wrn40_2": wrn40_2, "small_cnn": small_cnn}
-
 
 def build_classifier(
     arch: str,
@@ -136,9 +133,11 @@ def build_classifier(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> Classifier:
-    if arch not in BACKBONES:
-        raise UserError(f"unknown classifier.arch {arch!r}; choose one of {list(BACKBONES)}")
-    backbone, feature_dim = BACKBONES[arch](channels)
+    try:
+        builder = registry.resolve(registry.ARCHITECTURES, arch, "classifier.arch")
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    backbone, feature_dim = builder(channels)
     mean = list(mean) if mean is not None else [0.5] * channels
     std = list(std) if std is not None else [0.5] * channels
     return Classifier(backbone, feature_dim, num_classes, mean, std)

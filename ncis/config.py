@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ncis import registry
 from ncis.errors import UserError
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -116,7 +117,7 @@ class SynthesizeParams(Section):
 
 
 class ClassifierParams(Section):
-    arch: str = Field("resnet34", description="a name in ncis.classifiers.BACKBONES: resnet34, wrn40_2, small_cnn")
+    arch: str = Field("resnet34", description="a name in ncis/registry.py ARCHITECTURES: resnet34, wrn40_2, small_cnn")
     init: str = Field(
         "",
         description="folder of a classifier train-classifier saved (e.g. a classifier.outliers=none run) to start from; empty = random init",
@@ -141,15 +142,11 @@ class ClassifierParams(Section):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, value: str) -> str:
-        from ncis.classifiers import BACKBONES  # lazy: importing config stays cheap
-
-        if value not in BACKBONES:
-            raise ValueError(f"unknown architecture {value!r}; choose one of {list(BACKBONES)}")
-        return value
+        return registry.check(registry.ARCHITECTURES, value, "architecture")
 
 
 class EvaluateParams(Section):
-    score: str = Field("energy", description="a name in ncis.scores.SCORERS: energy, msp, odin, mahalanobis, knn")
+    score: str = Field("energy", description="a name in ncis/registry.py SCORES: energy, msp, odin, mahalanobis, knn")
     ood_fraction: float = Field(
         0.0, ge=0, description="per OOD set, score a seeded random subset of this fraction of the ID test size (0 = all images)"
     )
@@ -161,11 +158,7 @@ class EvaluateParams(Section):
     @field_validator("score")
     @classmethod
     def _known_score(cls, value: str) -> str:
-        from ncis.scores import SCORERS  # lazy: importing config stays cheap
-
-        if value not in SCORERS:
-            raise ValueError(f"unknown score {value!r}; choose one of {list(SCORERS)}")
-        return value
+        return registry.check(registry.SCORES, value, "score")
 
 
 class TrackingParams(Section):

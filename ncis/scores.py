@@ -13,6 +13,8 @@ from sklearn.neighbors import NearestNeighbors
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from ncis import registry
+
 def energy_score(logits: torch.Tensor) -> torch.Tensor:
     """Negative free energy, logsumexp of the logits (Liu et al. 2020)."""
     return torch.logsumexp(logits, dim=1)
@@ -146,21 +148,9 @@ def _normalise(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
 
 
-# The one list of scores (name -> class): `evaluate.score` is validated against it (ncis/config.py).
-SCORERS: dict[str, type[Scorer]] = {
-    "energy": EnergyScorer,
-    "msp": MSPScorer,
-    "odin": OdinScorer,
-    "mahalanobis": MahalanobisScorer,
-    "knn": KNNScorer,
-}
-
-
 def make_scorer(evaluate_params) -> Scorer:
-    name = evaluate_params.score
-    if name not in SCORERS:
-        raise ValueError(f"unknown score {name!r}; choose one of {list(SCORERS)}")
-    return SCORERS[name].from_params(evaluate_params)
+    """The scorer ncis/registry.py names `evaluate.score`, built from the `evaluate` section."""
+    return registry.resolve(registry.SCORES, evaluate_params.score, "evaluate.score").from_params(evaluate_params)
 
 
 def score_loader(model, scorer: Scorer, loader: DataLoader, device: torch.device) -> dict[str, np.ndarray]:

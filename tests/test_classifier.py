@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
-from ncis import tracking
+from ncis import registry, tracking
 from ncis.classifiers import build_classifier, load_classifier, outlier_transform, train_transform
 from ncis.config import params_from_dict
 from ncis.datasets import get_benchmark, write_image_folder
@@ -52,7 +52,7 @@ def logged_steps(monkeypatch):
     return steps
 
 
-@pytest.mark.parametrize("arch", ["small_cnn", "wrn40_2", "resnet34"])
+@pytest.mark.parametrize("arch", list(registry.ARCHITECTURES))
 @pytest.mark.parametrize("channels, size", [(1, 8), (3, 32)])
 def test_forward_shapes(arch, channels, size):
     model = build_classifier(arch, num_classes=10, channels=channels).eval()
@@ -62,6 +62,11 @@ def test_forward_shapes(arch, channels, size):
         assert model(images).shape == (2, 10)
     assert features.ndim == 2 and features.shape[0] == 2
     assert features.shape[1] == model.fc.in_features
+
+
+def test_an_unknown_architecture_is_refused_when_params_are_read():
+    with pytest.raises(UserError, match=r"classifier.arch: .*unknown architecture 'vgg'.*resnet34"):
+        params_from_dict({"classifier": {"arch": "vgg"}})
 
 
 def _fit_head(monotone: bool, id_energy, outlier_energy, steps: int = 300) -> EnergyHead:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ncis import evaluate, tracking
+from ncis import evaluate, registry, tracking
 from ncis.classifiers import build_classifier
 from ncis.config import params_from_dict
 from ncis.datasets import get_benchmark, write_image_folder
@@ -197,13 +197,18 @@ def test_evaluate_writes_metrics_plots_and_logs(tmp_path, monkeypatch, capsys):
     assert "FPR95" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("score", ["msp", "odin", "mahalanobis", "knn"])
+@pytest.mark.parametrize("score", [name for name in registry.SCORES if name != "energy"])
 def test_every_score_gives_valid_metrics(tmp_path, monkeypatch, score):
     make_tiny_benchmark(tmp_path)
     monkeypatch.setattr(evaluate, "write_plots", lambda *args, **kwargs: None)  # plots are tested above
     params = tiny_params(tmp_path, score)
     returned = main(params)
     assert _check_metrics_file(layout_for(params).metrics, score) == returned
+
+
+def test_an_unknown_score_is_refused_when_params_are_read():
+    with pytest.raises(UserError, match=r"evaluate.score: .*unknown score 'vim'.*mahalanobis"):
+        tiny_params("outputs", score="vim")
 
 
 def test_missing_classifier_names_train_classifier(tmp_path):
