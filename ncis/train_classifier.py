@@ -334,7 +334,9 @@ def train_epoch(model, head, optimizer, scheduler, id_loader, outlier_loader, se
 def _summary(epoch: int, epochs: int, stats: dict) -> str:
     text = f"epoch {epoch}/{epochs}: loss {stats['train/loss']:.4f}, accuracy {stats['train/accuracy']:.3f}"
     if "energy_head/weight" in stats:
-        text += f", head w {stats['energy_head/weight']:+.3f}, ID-vs-outlier energy AUROC {stats['energy_head/auroc']:.3f}"
+        text += f", head w {stats['energy_head/weight']:+.3f}"
+    if "energy_head/auroc" in stats:
+        text += f", ID-vs-outlier energy AUROC {stats['energy_head/auroc']:.3f}"
     return text
 
 
