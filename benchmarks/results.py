@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ncis.cli import stage_function
+from ncis.pipeline import stage_function
 from ncis.config import load_params
 from ncis.layout import layout_for
 

@@ -171,11 +171,9 @@ class ConvertMode:
 
 def _augmentation(benchmark: Benchmark) -> list:
     size = benchmark.image_size
-    # Digits are not mirror-symmetric; natural images are. Small (digit-sized) benchmarks
-    # skip the flip unless their entry says otherwise.
-    flip = benchmark.extra.get("hflip", size >= 32)
-    steps: list = [transforms.RandomCrop(size, padding=benchmark.extra.get("crop_padding", max(1, size // 8)))]
-    if flip:
+    # Digits are not mirror-symmetric; natural images (32 px and up) are.
+    steps: list = [transforms.RandomCrop(size, padding=max(1, size // 8))]
+    if size >= 32:
         steps.append(transforms.RandomHorizontalFlip())
     return steps
 

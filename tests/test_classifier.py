@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from ncis import tracking
 from ncis.classifiers import build_classifier, load_classifier
-from ncis.config import params_from_dict
+from ncis.config import load_params
 from ncis.datasets import write_image_folder
 from ncis.errors import UserError
 from ncis.layout import layout_for
@@ -18,7 +18,7 @@ from ncis.train_classifier import EnergyHead, ReversedEnergyHeadWarning, energy_
 def make_tiny_data(root, outliers: bool = True) -> None:
     """40 ID images (4 per digit class) of 8x8x1, and 12 synthetic outliers at 16x16."""
     rng = np.random.default_rng(0)
-    layout = layout_for(params_from_dict({"outputs": str(root)}))
+    layout = layout_for(load_params(overrides=[f"outputs={root}"]))
     labels = np.repeat(np.arange(10), 4)
     images = (rng.random((40, 8, 8, 1)) * 64 + labels[:, None, None, None] * 19).astype(np.uint8)
     write_image_folder(layout.id_train, images, labels)
@@ -28,7 +28,7 @@ def make_tiny_data(root, outliers: bool = True) -> None:
 
 def tiny_params(root, **classifier):
     settings = {"arch": "small_cnn", "epochs": 2, "lr": 0.05, "batch_size": 8, "outlier_batch_size": 8, "max_outliers": 10}
-    return params_from_dict({"outputs": str(root), "device": "cpu", "classifier": {**settings, **classifier}})
+    return load_params(overrides=[f"outputs={root}", "device=cpu", *(f"classifier.{k}={v}" for k, v in {**settings, **classifier}.items())])
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ncis.cli import STAGES
+from ncis.pipeline import STAGES
 from ncis.config import Params
 from ncis.layout import Layout
 

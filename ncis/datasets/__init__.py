@@ -7,7 +7,7 @@ digits, CIFAR100, ImageNet100 and synthetic outliers through the same code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +29,8 @@ class Benchmark:
     # Where the diffusion model comes from when `diffusion.model` is empty:
     # "tiny" = the model `prepare` trains, else a hub id / path.
     default_diffusion: str = "CompVis/stable-diffusion-v1-4"
-    extra: dict = field(default_factory=dict)
+    # Parameters only some benchmarks use (None elsewhere), that this one cannot run without.
+    needs: tuple[str, ...] = ("data.root",)
 
     @property
     def num_classes(self) -> int:
