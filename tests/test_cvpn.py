@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ncis.config import CvpnParams, load_params
+from ncis.config import load_params
 from ncis.cvpn import CVPN, count_invariants, load_cvpn
 from ncis.errors import UserError
 from ncis.io import save_arrays, save_weights
@@ -88,7 +88,7 @@ def circles(n=200, num_classes=3, seed=0):
 
 def test_training_learns_a_non_linear_invariant():
     embeddings, labels = circles()
-    config = CvpnParams(hidden=64, epochs=30, lr=3e-3, batch_size=64)
+    config = load_params().cvpn.model_copy(update={"hidden": 64, "epochs": 30, "lr": 3e-3, "batch_size": 64})
     result = fit_cvpn(embeddings, labels, 3, config, num_invariants=1, progress=False)
     initial = result.history[0]["holdout_invariant_mse"]
     assert result.best_invariant_mse < 0.2 * initial
