@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from ncis.cli import STAGES, stage_function
+from ncis.pipeline import STAGES, stage_function
 from ncis.config import load_params
 from ncis.datasets import get_benchmark, load_images
 from ncis.diagnostics import fit_pixel_classifier, in_class_fraction

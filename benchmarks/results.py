@@ -26,9 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ncis.cli import stage_function
 from ncis.config import load_params
+from ncis.errors import UserError
 from ncis.layout import layout_for
+from ncis.pipeline import stage_function
+from ncis.resume import claim, work_key
 
 ROOT = Path(__file__).resolve().parent.parent
 # variant -> overrides; "none" and "noise" need no synthetic images.
@@ -60,14 +62,9 @@ def variant_run(base: Path, out: Path, overrides: list[str], variant: str, outli
     outliers (cVPN, samples, images) are reused, e.g. when only the energy head differs."""
     params = load_params(overrides=[*overrides, f"outputs={out}"])
     settings = params.model_dump(exclude={"outputs"})
-    recorded = out / "params.json"
-    if (out / "metrics.json").exists():  # finished before: reuse it if it ran with these settings
-        if not recorded.exists() or json.loads(recorded.read_text()) != settings:
-            raise SystemExit(f"{out}: finished with other settings (see its params.json); delete it or pick another --outputs")
+    if own_folder(out, settings) and (out / "metrics.json").exists():
         print(f"[results] {out} already done with these settings; reusing it", flush=True)
         return read_report(out)
-    out.mkdir(parents=True, exist_ok=True)
-    recorded.write_text(json.dumps(settings, indent=1))
     link(base, out, SHARED)
     stages = ["train-classifier", "evaluate"]
     if variant in ("cvpn", "linear", "knn"):
@@ -77,6 +74,17 @@ def variant_run(base: Path, out: Path, overrides: list[str], variant: str, outli
             stages = (["train-cvpn"] if variant == "cvpn" else []) + ["sample", "synthesize", *stages]
     run(stages, params)
     return read_report(out)
+
+
+def own_folder(out: Path, settings: dict) -> bool:
+    """Claim `out` for a run with `settings` (True: it already holds that run's work). A folder of
+    another run is refused, never overwritten; params.json beside it says what it was made with."""
+    try:
+        reused = claim(out, work_key(settings), discard_other=False)
+    except UserError as err:
+        raise SystemExit(f"{err} (see its params.json)") from None
+    (out / "params.json").write_text(json.dumps(settings, indent=1))
+    return reused
 
 
 def read_report(out: Path) -> dict:
@@ -93,12 +101,7 @@ def prepare_base(root: Path, common: list[str], base_from: str | None, reuse: li
     provides (`reuse`) is linked, the rest computed."""
     base = root / "base"
     base_params = load_params(overrides=[*common, f"outputs={base}"])
-    settings = base_params.model_dump(include={"benchmark", "seed", "data", "diffusion", "embed"})
-    recorded = base / "params.json"
-    if recorded.exists() and json.loads(recorded.read_text()) != settings:
-        raise SystemExit(f"{base}: made with other data/diffusion/embed settings (see its params.json); pick another --outputs")
-    base.mkdir(parents=True, exist_ok=True)
-    recorded.write_text(json.dumps(settings, indent=1))
+    own_folder(base, base_params.model_dump(include={"benchmark", "seed", "data", "diffusion", "embed"}))
     if base_from:
         link(Path(base_from), base, reuse)
     if not (base / "diffusion" / "model_index.json").exists():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ncis.cli import stage_function
+from ncis.pipeline import stage_function
 from ncis.config import load_params
 
 RUN = re.compile(r"^(?P<variant>\w+)-(?P<head>\w+)-seed(?P<seed>\d+)$")

@@ -171,14 +171,12 @@ def _augmentation(benchmark: Benchmark, augment: str) -> list:
     """`crop`: padded random crop (CIFAR's, train_ood_det_cifar100.py:107); `resized_crop`: random
     resized crop (ImageNet's, train_ood_det_in100.py:127, 170); each then a flip where images allow it."""
     size = benchmark.image_size
-    # Digits are not mirror-symmetric; natural images are. Small (digit-sized) benchmarks
-    # skip the flip unless their entry says otherwise.
-    flip = benchmark.extra.get("hflip", size >= 32)
+    # Digits are not mirror-symmetric; natural images (32 px and up) are.
     if augment == "resized_crop":
         steps: list = [transforms.RandomResizedCrop(size)]
     else:
-        steps = [transforms.RandomCrop(size, padding=benchmark.extra.get("crop_padding", max(1, size // 8)))]
-    if flip:
+        steps = [transforms.RandomCrop(size, padding=max(1, size // 8))]
+    if size >= 32:
         steps.append(transforms.RandomHorizontalFlip())
     return steps
 

@@ -6,22 +6,10 @@ A thin layer: parse arguments, load and validate params once, call the stage's `
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from ncis.errors import UserError
-
-# stage name -> (module, one-line description). Order is pipeline order.
-STAGES: dict[str, tuple[str, str]] = {
-    "prepare": ("ncis.prepare", "materialise the benchmark's datasets (digits: also train the tiny diffusion model)"),
-    "embed": ("ncis.embed", "textual inversion: one class-token embedding per training image"),
-    "train-cvpn": ("ncis.train_cvpn", "train the conditional volume-preserving network on the embeddings"),
-    "sample": ("ncis.sample", "draw low-density outlier embeddings per class"),
-    "synthesize": ("ncis.synthesize", "generate outlier images from the outlier embeddings"),
-    "train-classifier": ("ncis.train_classifier", "train the classifier with the energy regulariser on ID + outliers"),
-    "evaluate": ("ncis.evaluate", "FPR95 / AUROC / AUPR and ID accuracy against the OOD test sets"),
-}
-
+from ncis.pipeline import STAGES
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default=None, metavar="FILE", help="parameter file (default: params.yaml)")
@@ -49,17 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--experiment", default="digits", help="MLflow experiment (= benchmark name)")
     compare.add_argument("--runs", nargs="*", default=None, metavar="RUN_ID", help="run ids (default: latest per parameter set)")
     return parser
-
-
-def stage_function(name: str):
-    module_name, _ = STAGES[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name == module_name:
-            raise UserError(f"stage {name!r} is not implemented yet") from None
-        raise
-    return module.main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,82 +19,92 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 
 class Section(BaseModel):
-    # Unknown keys are typos until proven otherwise; strict types stop "1e-3" strings
-    # from silently becoming something else.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown keys are typos until proven otherwise; strict types refuse a "0.1" string or a
+    # float where an int is meant instead of converting it (an int is still a valid float).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# No field below has a default: every value lives in params.yaml (digits) or configs/*.yaml
+# (the paper's benchmarks), so no experiment silently runs on a value its file does not show.
+# `None` marks a key that only some benchmarks use; `Benchmark.needs` names the ones each requires.
 
 
 class DataParams(Section):
-    root: str = Field("", description="folder holding the real datasets (cifar100, imagenet100); unused by digits")
-    test_fraction: float = Field(0.25, gt=0, lt=1, description="digits: stratified test split")
-    ood_size: int = Field(300, ge=10, description="digits: images per OOD test set")
+    root: str | None = Field(None, description="real benchmarks: folder holding the datasets (layout: docs/reproducing.md)")
+    test_fraction: float | None = Field(None, gt=0, lt=1, description="digits: stratified test split")
+    ood_size: int | None = Field(None, ge=10, description="digits: images per OOD test set")
 
 
 class DiffusionParams(Section):
     model: str = Field(
-        "",
         description="hub id, diffusers folder or single .ckpt/.safetensors file; empty = the benchmark's own "
         "(digits: the tiny model `prepare` trains)",
     )
     # Training of the tiny digits model (read by `prepare`).
-    train_steps: int = Field(1150, ge=1)
-    train_batch_size: int = Field(64, ge=1)
-    train_lr: float = Field(2e-3, gt=0)
-    cfg_dropout: float = Field(0.1, ge=0, lt=1, description="probability of training on the empty prompt")
-    token_noise: float = Field(0.0, ge=0, description="std of Gaussian noise added to the class-token embedding in training")
-    unet_channels: list[int] = Field(default_factory=lambda: [32, 64], min_length=1)
-    text_width: int = Field(32, ge=4)
+    train_steps: int | None = Field(None, ge=1, description="digits: optimisation steps of the tiny model")
+    train_batch_size: int | None = Field(None, ge=1, description="digits: tiny-model training batch")
+    train_lr: float | None = Field(None, gt=0, description="digits: tiny-model AdamW learning rate (cosine to 0)")
+    cfg_dropout: float | None = Field(None, ge=0, lt=1, description="digits: probability of training on the empty prompt")
+    token_noise: float | None = Field(
+        None, ge=0, description="digits: std of Gaussian noise added to the class-token embedding in training"
+    )
+    unet_channels: list[int] | None = Field(None, min_length=1, description="digits: UNet block widths")
+    text_width: int | None = Field(None, ge=4, description="digits: text-encoder width = token-embedding dimension")
 
 
 class EmbedParams(Section):
-    prompt: str = "An image of a {}"
-    steps: int = Field(3, ge=1)
-    lr: float = Field(1e-2, gt=0)
-    noise_draws: int = Field(32, ge=1)
-    timestep_count: int = Field(50, ge=1, description="timesteps are randint(0, timestep_count) * timestep_stride + 1")
-    timestep_stride: int = Field(20, ge=1)
-    batch_size: int = Field(64, ge=1)
-    chunk_size: int = Field(512, ge=1, description="images per saved chunk; an interrupted run resumes from the last chunk")
-    image_limit: int = Field(0, ge=0, description="embed only N training images, evenly spaced over the set (0 = all)")
+    prompt: str = Field(description="textual-inversion prompt; '{}' is the class token")
+    steps: int = Field(ge=1, description="Adam steps per image")
+    lr: float = Field(gt=0, description="Adam learning rate of the token vector")
+    noise_draws: int = Field(ge=1, description="noise/timestep draws averaged per step")
+    timestep_count: int = Field(ge=1, description="timesteps are randint(0, timestep_count) * timestep_stride + 1")
+    timestep_stride: int = Field(ge=1, description="see timestep_count")
+    batch_size: int = Field(ge=1, description="images optimised together (results do not depend on it)")
+    chunk_size: int = Field(ge=1, description="images per saved chunk; an interrupted run resumes from the last chunk")
+    image_limit: int = Field(ge=0, description="embed only N training images, evenly spaced over the set (0 = all)")
 
 
 class CvpnParams(Section):
-    coupling_layers: int = Field(4, ge=1)
-    hidden: int = Field(256, ge=1)
-    class_embedding: int = Field(16, ge=1)
-    pca_variance_percent: float = Field(5.0, gt=0, lt=100)
-    preprocess: Literal["none", "center"] = "none"
-    lr: float = Field(1e-4, gt=0)
-    lr_end_factor: float = Field(0.1, gt=0, le=1)
-    batch_size: int = Field(64, ge=1)
-    epochs: int = Field(200, ge=1)
-    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="stratified split the best epoch is chosen on (0 = choose on the training set)")
-    activation: Literal["silu", "sigmoid"] = Field("silu", description="non-linearity of the coupling MLPs")
+    coupling_layers: int = Field(ge=1, description="class-conditional additive coupling layers")
+    hidden: int = Field(ge=1, description="width of each coupling MLP")
+    class_embedding: int = Field(ge=1, description="size of the learned class embedding fed to the couplings")
+    pca_variance_percent: float = Field(
+        gt=0, lt=100, description="output dimensions counted as invariants: those of the last N% of PCA variance"
+    )
+    preprocess: Literal["none", "center"] = Field(description="center: subtract each class's mean first")
+    lr: float = Field(gt=0, description="Adam learning rate")
+    lr_end_factor: float = Field(gt=0, le=1, description="linear decay of the learning rate to lr * lr_end_factor")
+    batch_size: int = Field(ge=1, description="embeddings per step")
+    epochs: int = Field(ge=1, description="passes over the embeddings")
+    holdout_fraction: float = Field(
+        ge=0, lt=1, description="embeddings held out to pick the best epoch (0 = pick it on the training embeddings)"
+    )
+    activation: Literal["silu", "sigmoid"] = Field(description="non-linearity of the coupling MLPs")
     conditioning: Literal["concat", "add"] = Field(
-        "concat",
-        description="concat: class embedding joins the coupling MLP's input; add: SiLU + Linear of it is added after the MLP's second layer",
+        description="concat: the class embedding joins the coupling MLP's input; add: SiLU + Linear of it is added "
+        "after the MLP's second layer"
     )
     init: Literal["identity", "paper"] = Field(
-        "identity",
-        description="identity: couplings start at zero shift; paper: PyTorch default couplings, rotations from the U(-pi, pi) upper triangle",
+        description="identity: couplings start at zero shift; paper: PyTorch's default coupling init, rotations from "
+        "the upper triangle of a U(-pi, pi) matrix"
     )
     invariant_rule: Literal["dropped_rounded", "plus_one_floored"] = Field(
-        "dropped_rounded", description="invariants from per-class PCA: dimensions it drops (rounded mean), or one more (floored mean)"
+        description="invariants from per-class PCA: the dimensions it drops (mean rounded), or one more (mean floored)"
     )
     reconstruction_detach: bool = Field(
-        False, description="the reconstruction step maps back the invariant step's output, detached: only the inverse pass learns from it"
+        description="the reconstruction step maps back the invariant step's output, detached: only the inverse pass learns from it"
     )
 
 
 class SampleParams(Section):
-    method: Literal["cvpn", "linear", "knn"] = "cvpn"
-    candidates: int = Field(3330, ge=1)
-    keep: int = Field(10, ge=1)
-    rounds: int = Field(10, ge=1)
-    reg: float = Field(1e-5, ge=0)
-    knn_k: int = Field(5, ge=1)
-    knn_noise: float = Field(0.1, ge=0)
-    knn_boundary: int = Field(20, ge=1, description="knn: boundary embeddings per class that the noise is added around")
+    method: Literal["cvpn", "linear", "knn"] = Field(description="cvpn = NCIS; linear and knn are baselines")
+    candidates: int = Field(ge=1, description="candidates drawn per class and round")
+    keep: int = Field(ge=1, description="lowest-density candidates kept per class and round")
+    rounds: int = Field(ge=1, description="sampling rounds per class")
+    reg: float = Field(ge=0, description="added to the covariance diagonal before inverting it")
+    knn_k: int = Field(ge=1, description="knn: neighbour whose distance scores a candidate")
+    knn_noise: float = Field(ge=0, description="knn: std of the noise added around boundary embeddings")
+    knn_boundary: int = Field(ge=1, description="knn: boundary embeddings per class that the noise is added around")
 
     @model_validator(mode="after")
     def _keep_fits(self):
@@ -104,40 +114,42 @@ class SampleParams(Section):
 
 
 class SynthesizeParams(Section):
-    prompt: str = "A high-quality image of the {}"
-    scheduler: str = "PNDMScheduler"
-    steps: int = Field(50, ge=1)
-    guidance_scale: float = Field(7.5, ge=1)
-    noise_scale: float = Field(1.0, gt=0, description="std of the starting noise relative to the prior's (1 = the paper)")
-    batch_size: int = Field(64, ge=1)
-    images_per_class: int = Field(0, ge=0, description="0 = one image per outlier embedding")
-    save_size: int = Field(32, ge=1)
-    preview_per_class: int = Field(8, ge=1)
-    control_per_class: int = Field(20, ge=0, description="images per class from unperturbed embeddings, for diagnostics (0 = none)")
+    prompt: str = Field(description="synthesis prompt; '{}' is the class token, replaced by the outlier embedding")
+    scheduler: str = Field(description="diffusers scheduler class (PNDMScheduler = the paper's PLMS)")
+    steps: int = Field(ge=1, description="denoising steps")
+    guidance_scale: float = Field(ge=1, description="classifier-free guidance against the empty prompt (1 = none)")
+    noise_scale: float = Field(gt=0, description="std of the starting noise relative to the prior's (1 = the paper)")
+    batch_size: int = Field(ge=1, description="images rendered together (results do not depend on it)")
+    images_per_class: int = Field(ge=0, description="0 = one image per outlier embedding")
+    save_size: int = Field(ge=1, description="side of the saved images in pixels")
+    preview_per_class: int = Field(ge=1, description="outliers per class in preview.png")
+    control_per_class: int = Field(ge=0, description="images per class from unperturbed embeddings, for diagnostics (0 = none)")
 
 
 class ClassifierParams(Section):
-    arch: str = Field("resnet34", description="a name in ncis/registry.py ARCHITECTURES: resnet34, wrn40_2, small_cnn")
+    arch: str = Field(description="backbone, a name in ncis/registry.py ARCHITECTURES (resnet34, wrn40_2, small_cnn)")
     init: str = Field(
-        "",
-        description="folder of a classifier train-classifier saved (e.g. a classifier.outliers=none run) to start from; empty = random init",
+        description="folder of a classifier train-classifier saved (e.g. by a classifier.outliers=none run) to start "
+        "from; empty = random initialisation"
     )
-    outliers: Literal["ncis", "none", "noise"] = "ncis"
-    epochs: int = Field(250, ge=1)
-    lr: float = Field(0.1, gt=0)
-    lr_min: float = Field(0.0, ge=0, description="learning rate the cosine schedule ends at")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    batch_size: int = Field(256, ge=1)
-    outlier_batch_size: int = Field(256, ge=1)
-    max_outliers: int = Field(6400, ge=0, description="seeded random subset of the synthetic outliers (0 = all)")
-    augment: Literal["crop", "resized_crop"] = Field("crop", description="crop: padded random crop; resized_crop: random resized crop")
-    energy_weight: float = Field(0.1, ge=0)
+    outliers: Literal["ncis", "none", "noise"] = Field(description="ncis = synthesized images; none = cross-entropy only")
+    epochs: int = Field(ge=1, description="training epochs (cosine schedule over all of them)")
+    lr: float = Field(gt=0, description="SGD learning rate")
+    lr_min: float = Field(ge=0, description="learning rate the cosine schedule ends at")
+    momentum: float = Field(ge=0, lt=1, description="SGD momentum (Nesterov)")
+    weight_decay: float = Field(ge=0, description="SGD weight decay")
+    batch_size: int = Field(ge=1, description="ID images per step")
+    outlier_batch_size: int = Field(ge=1, description="outlier images per step")
+    max_outliers: int = Field(ge=0, description="outlier images used at most (a seeded subset; 0 = all)")
+    augment: Literal["crop", "resized_crop"] = Field(
+        description="training augmentation: crop = padded random crop; resized_crop = random resized crop"
+    )
+    energy_weight: float = Field(ge=0, description="weight of the energy regulariser (0 = cross-entropy only)")
     energy_head: Literal["free", "monotone", "mlp"] = Field(
-        "free", description="P(ID | energy): free/monotone logistic regression (w >= 0 for monotone), or an MLP 1-hidden-2"
+        description="head on the energy: logistic with free sign or constrained (w >= 0), or an MLP 1-hidden-2"
     )
-    energy_head_hidden: int = Field(512, ge=1, description="hidden width of the mlp energy head")
-    keep_checkpoints: int = Field(2, ge=1, description="newest per-epoch checkpoints kept for resuming")
+    energy_head_hidden: int = Field(ge=1, description="mlp energy head: hidden width")
+    keep_checkpoints: int = Field(ge=1, description="newest per-epoch checkpoints kept for resuming")
 
     @field_validator("arch")
     @classmethod
@@ -146,14 +158,14 @@ class ClassifierParams(Section):
 
 
 class EvaluateParams(Section):
-    score: str = Field("energy", description="a name in ncis/registry.py SCORES: energy, msp, odin, mahalanobis, knn")
+    score: str = Field(description="OOD score, a name in ncis/registry.py SCORES (energy, msp, odin, mahalanobis, knn)")
     ood_fraction: float = Field(
-        0.0, ge=0, description="per OOD set, score a seeded random subset of this fraction of the ID test size (0 = all images)"
+        ge=0, description="per OOD set, score a seeded random subset of this fraction of the ID test size (0 = all images)"
     )
-    batch_size: int = Field(256, ge=1)
-    odin_temperature: float = Field(1000.0, gt=0)
-    odin_epsilon: float = Field(0.0014, ge=0)
-    knn_k: int = Field(50, ge=1)
+    batch_size: int = Field(ge=1, description="images per forward pass")
+    odin_temperature: float = Field(gt=0, description="odin: softmax temperature")
+    odin_epsilon: float = Field(ge=0, description="odin: input perturbation size")
+    knn_k: int = Field(ge=1, description="knn: neighbour whose distance is the score")
 
     @field_validator("score")
     @classmethod
@@ -162,34 +174,33 @@ class EvaluateParams(Section):
 
 
 class TrackingParams(Section):
-    enabled: bool = Field(True, description="log to MLflow (MLFLOW_TRACKING_URI picks the server)")
+    enabled: bool = Field(description="log to MLflow (MLFLOW_TRACKING_URI picks the server)")
 
 
 class Params(Section):
-    benchmark: str = "digits"
-    seed: int = Field(0, ge=0)
-    outputs: str = "outputs"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    data: DataParams = DataParams()
-    diffusion: DiffusionParams = DiffusionParams()
-    embed: EmbedParams = EmbedParams()
-    cvpn: CvpnParams = CvpnParams()
-    sample: SampleParams = SampleParams()
-    synthesize: SynthesizeParams = SynthesizeParams()
-    classifier: ClassifierParams = ClassifierParams()
-    evaluate: EvaluateParams = EvaluateParams()
-    tracking: TrackingParams = TrackingParams()
+    benchmark: str = Field(description="digits, cifar100 or imagenet100")
+    seed: int = Field(ge=0, description="seeds every stage")
+    outputs: str = Field(description="folder of every stage's outputs")
+    device: Literal["auto", "cpu", "cuda"] = Field(description="auto = cuda when a GPU is visible")
+    data: DataParams
+    diffusion: DiffusionParams
+    embed: EmbedParams
+    cvpn: CvpnParams
+    sample: SampleParams
+    synthesize: SynthesizeParams
+    classifier: ClassifierParams
+    evaluate: EvaluateParams
+    tracking: TrackingParams
 
     @model_validator(mode="after")
-    def _known_benchmark(self):
+    def _benchmark_keys_set(self):
         from ncis.datasets import get_benchmark
 
-        get_benchmark(self.benchmark)
+        flat = self.flat()
+        missing = [key for key in get_benchmark(self.benchmark).needs if flat.get(key) is None]
+        if missing:
+            raise UserError(f"{missing[0]}: required by the {self.benchmark} benchmark; set it in the params file")
         return self
-
-    @property
-    def out(self) -> Path:
-        return Path(self.outputs)
 
     def flat(self) -> dict[str, Any]:
         """`section.key` -> value, the form MLflow logs and `--set` takes."""
@@ -257,24 +268,47 @@ def params_from_dict(tree: dict, source: str = "params") -> Params:
         message = first["msg"]
         if first["type"] == "extra_forbidden":
             message = "unknown key; check its spelling against params.yaml"
+        elif first["type"] == "missing":
+            message = "missing; every key needs a value (params.yaml lists them all)"
         elif "input" in first and not isinstance(first["input"], dict):
             message += f" (got {first['input']!r})"
         more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
         raise UserError(f"{source}: {key}: {message}{more}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key stated twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} stated twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_params_file(path: str | Path) -> dict:
+    """The raw mapping of a params file; one-line errors for a missing, invalid or ambiguous file."""
+    path = Path(path)
+    if not path.is_file():
+        where = "in this folder; run from the repository root or" if path == DEFAULT_PARAMS else "here;"
+        raise UserError(f"{path}: no such parameter file {where} pass an existing file to --params")
+    try:
+        tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(err).split())}); fix the file") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level")
+    return tree
+
+
 def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
-    """Read a params file, apply `section.key=value` overrides, validate once."""
+    """Read a params file (default: ./params.yaml), apply `section.key=value` overrides, validate once.
+
+    A missing file is an error, never a fallback: the values live in the file alone.
+    """
     path = Path(path) if path else DEFAULT_PARAMS
-    tree: dict = {}
-    if path.exists():
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); fix the file") from None
-        if not isinstance(tree, dict):
-            raise UserError(f"{path}: expected a mapping of sections at the top level")
-    elif path != DEFAULT_PARAMS:
-        raise UserError(f"{path}: no such parameter file; pass an existing file to --params")
-    tree = apply_overrides(tree, overrides or [])
+    tree = apply_overrides(read_params_file(path), overrides or [])
     return params_from_dict(tree, source=str(path))

@@ -7,6 +7,7 @@ pool generated from the class's own (unperturbed) embeddings with the same start
 from __future__ import annotations
 
 import numpy as np
+from scipy.spatial.distance import cdist, pdist
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from sklearn.pipeline import make_pipeline
@@ -35,12 +36,11 @@ def mahalanobis_ratio(id_embeddings: np.ndarray, id_labels: np.ndarray, outliers
         members = id_embeddings[id_labels == c]
         if len(members) < 2:
             continue
-        mean = members.mean(0)
+        mean = members.mean(0, keepdims=True)
         precision = np.linalg.inv(np.cov(members, rowvar=False) + reg * np.eye(members.shape[1]))
 
         def distance(x):
-            d = x - mean
-            return np.sqrt(np.einsum("nd,de,ne->n", d, precision, d).clip(min=0))
+            return cdist(x, mean, "mahalanobis", VI=precision)[:, 0]
 
         ratios.append(distance(outliers[c]).mean() / distance(members).mean())
     return float(np.mean(ratios)) if ratios else float("nan")
@@ -51,12 +51,8 @@ def pairwise_diversity(images: np.ndarray, labels: np.ndarray) -> float:
     values = []
     for c in np.unique(labels):
         x = _flat(images[labels == c]) / 255.0
-        if len(x) < 2:
-            continue
-        squared = (x**2).sum(1)
-        d2 = squared[:, None] + squared[None, :] - 2 * x @ x.T
-        upper = np.triu_indices(len(x), 1)
-        values.append(np.sqrt(d2[upper].clip(min=0)).mean())
+        if len(x) >= 2:
+            values.append(pdist(x).mean())
     return float(np.mean(values)) if values else float("nan")
 
 

@@ -20,6 +20,11 @@ class Layout:
         return self.data / "train"
 
     @property
+    def id_train_originals(self) -> Path:
+        """The original training files, same classes and order as `id_train` (benchmarks with `keeps_originals`)."""
+        return self.data / "train_originals"
+
+    @property
     def id_test(self) -> Path:
         return self.data / "test"
 

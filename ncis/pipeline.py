@@ -1,9 +1,41 @@
-"""Run one stage, or all of them in order, each inside its (optional) MLflow run."""
+"""The pipeline: its stages in order, and running one or all of them inside their MLflow runs.
+
+The front doors (the `ncis` CLI, MLproject's entry points, dvc.yaml's stages) are built from
+`STAGES`; nothing here knows about them.
+"""
 
 from __future__ import annotations
 
-from ncis.cli import STAGES, stage_function
+import importlib
+from typing import Callable
+
 from ncis.config import Params
+from ncis.errors import UserError
+
+# stage name -> (module, one-line description). Order is pipeline order.
+STAGES: dict[str, tuple[str, str]] = {
+    "prepare": ("ncis.prepare", "materialise the benchmark's datasets (digits: also train the tiny diffusion model)"),
+    "embed": ("ncis.embed", "textual inversion: one class-token embedding per training image"),
+    "train-cvpn": ("ncis.train_cvpn", "train the conditional volume-preserving network on the embeddings"),
+    "sample": ("ncis.sample", "draw low-density outlier embeddings per class"),
+    "synthesize": ("ncis.synthesize", "generate outlier images from the outlier embeddings"),
+    "train-classifier": ("ncis.train_classifier", "train the classifier with the energy regulariser on ID + outliers"),
+    "evaluate": ("ncis.evaluate", "FPR95 / AUROC / AUPR and ID accuracy against the OOD test sets"),
+}
+
+
+def stage_function(name: str) -> Callable[[Params], object]:
+    """The `main(params)` of stage `name` (imported on demand: a stage pays only for its own imports)."""
+    if name not in STAGES:
+        raise UserError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
+    module_name, _ = STAGES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            raise UserError(f"stage {name!r} is not implemented yet") from None
+        raise
+    return module.main
 
 
 def run_stage(name: str, params: Params):

@@ -39,3 +39,9 @@ def single_cpu_thread(device: torch.device, when: bool = True):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def item_generator(seed: int, index: int) -> torch.Generator:
+    """The random stream of item `index` (an image, an outlier embedding) under `seed`: what an item
+    draws does not depend on which items share its batch, its shard or its run."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)

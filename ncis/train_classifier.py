@@ -46,9 +46,10 @@ from ncis.classifiers import (
 )
 from ncis.datasets import get_benchmark
 from ncis.errors import UserError
-from ncis.io import atomic_path, files_signature, load_weights, save_weights
+from ncis.io import atomic_path, load_weights, save_weights
 from ncis.layout import layout_for
 from ncis.metrics import auroc
+from ncis.resume import claim, work_key
 from ncis.runtime import resolve_device, seed_everything, single_cpu_thread
 from ncis.scores import energy_score
 
@@ -256,17 +257,14 @@ def load_checkpoint(path: Path, model, head, optimizer, scheduler, device: torch
     return meta
 
 
-def resume(folder: Path, fingerprint: dict, epochs: int, model, head, optimizer, scheduler, device) -> tuple[int, dict]:
-    """Load the last complete checkpoint of this same run; returns (epochs done, their last stats)."""
-    found = _checkpoint_dirs(folder)
+def resume(folder: Path, key: str, epochs: int, model, head, optimizer, scheduler, device) -> tuple[int, dict]:
+    """Load the last complete checkpoint of the work `key` (ncis/resume.py; checkpoints of other
+    work are discarded); returns (epochs done, their last stats)."""
+    found = _checkpoint_dirs(folder) if claim(folder, key) else []
     if not found:
         return 0, {}
     epoch, path = found[-1]
     meta = json.loads((path / "state.json").read_text())
-    if meta.get("fingerprint") != fingerprint:
-        print(f"train-classifier: {folder} holds checkpoints of another run (other settings or data); starting from scratch")
-        shutil.rmtree(folder)
-        return 0, {}
     if meta["epochs"] != epochs:
         # Its cosine schedule was planned over the old length; stretching it from the middle
         # would give a schedule neither run describes.
@@ -408,18 +406,21 @@ def train(params, device: torch.device) -> dict:
         optimizer, T_max=settings.epochs * steps_per_epoch, eta_min=settings.lr_min
     )
 
-    # 3. Resume: a checkpoint is resumed only by the same run (same settings, same input files).
-    fingerprint = {
-        "benchmark": params.benchmark,
-        "seed": params.seed,
-        "classifier": {k: v for k, v in settings.model_dump().items() if k not in ("epochs", "keep_checkpoints")},
-        "id_train": files_signature(layout.id_train),
-        "outliers": files_signature(layout.synthetic_images) if settings.outliers == "ncis" else settings.outliers,
-        "init": files_signature(Path(settings.init)) if settings.init else "",
-    }
-    done, stats = resume(
-        layout.classifier_checkpoints, fingerprint, settings.epochs, model, head, optimizer, scheduler, device
+    # 3. Resume: checkpoints are resumed only by the same work (same settings, same input files);
+    #    the epoch count is checked against theirs in `resume`.
+    key = work_key(
+        {
+            "benchmark": params.benchmark,
+            "seed": params.seed,
+            "classifier": {k: v for k, v in settings.model_dump().items() if k not in ("epochs", "keep_checkpoints")},
+        },
+        {
+            "id_train": layout.id_train,
+            **({"outliers": layout.synthetic_images} if settings.outliers == "ncis" else {}),
+            **({"init": Path(settings.init)} if settings.init else {}),
+        },
     )
+    done, stats = resume(layout.classifier_checkpoints, key, settings.epochs, model, head, optimizer, scheduler, device)
 
     # 4. Train, one checkpoint per epoch
     for epoch in range(done + 1, settings.epochs + 1):
@@ -440,7 +441,7 @@ def train(params, device: torch.device) -> dict:
             optimizer,
             scheduler,
             {
-                "fingerprint": fingerprint,
+                "work_key": key,
                 "epochs": settings.epochs,
                 "steps_per_epoch": steps_per_epoch,
                 "stats": stats,

@@ -18,9 +18,8 @@ from ncis.config import load_params  # noqa: E402
 
 def finished_run(out: Path, overrides: list[str]) -> None:
     """A run folder as results.variant_run leaves it, without running any stage."""
-    out.mkdir(parents=True)
     settings = load_params(overrides=[*overrides, f"outputs={out}"]).model_dump(exclude={"outputs"})
-    (out / "params.json").write_text(json.dumps(settings))
+    assert not results.own_folder(out, settings)
     (out / "metrics.json").write_text(json.dumps({"average": {"auroc": 0.6}}))
 
 
@@ -30,7 +29,7 @@ def test_a_finished_run_is_reused_with_its_settings_and_refused_with_others(tmp_
     finished_run(out, overrides)
     report = results.variant_run(tmp_path / "base", out, overrides, "none", None)
     assert report["average"]["auroc"] == 0.6
-    with pytest.raises(SystemExit, match="finished with other settings"):
+    with pytest.raises(SystemExit, match="holds work made with other settings"):
         results.variant_run(tmp_path / "base", out, [*overrides, "classifier.epochs=3"], "none", None)
 
 

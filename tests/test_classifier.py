@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from ncis import registry, tracking
 from ncis.classifiers import build_classifier, load_classifier, outlier_transform, train_transform
-from ncis.config import params_from_dict
+from ncis.config import load_params
 from ncis.datasets import get_benchmark, write_image_folder
 from ncis.io import save_weights
 from ncis.errors import UserError
@@ -32,7 +32,7 @@ from ncis.train_classifier import (
 def make_tiny_data(root, outliers: bool = True) -> None:
     """40 ID images (4 per digit class) of 8x8x1, and 12 synthetic outliers at 16x16."""
     rng = np.random.default_rng(0)
-    layout = layout_for(params_from_dict({"outputs": str(root)}))
+    layout = layout_for(load_params(overrides=[f"outputs={root}"]))
     labels = np.repeat(np.arange(10), 4)
     images = (rng.random((40, 8, 8, 1)) * 64 + labels[:, None, None, None] * 19).astype(np.uint8)
     write_image_folder(layout.id_train, images, labels)
@@ -42,7 +42,7 @@ def make_tiny_data(root, outliers: bool = True) -> None:
 
 def tiny_params(root, **classifier):
     settings = {"arch": "small_cnn", "epochs": 2, "lr": 0.05, "batch_size": 8, "outlier_batch_size": 8, "max_outliers": 10}
-    return params_from_dict({"outputs": str(root), "device": "cpu", "classifier": {**settings, **classifier}})
+    return load_params(overrides=[f"outputs={root}", "device=cpu", *(f"classifier.{k}={v}" for k, v in {**settings, **classifier}.items())])
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_forward_shapes(arch, channels, size):
 
 def test_an_unknown_architecture_is_refused_when_params_are_read():
     with pytest.raises(UserError, match=r"classifier.arch: .*unknown architecture 'vgg'.*resnet34"):
-        params_from_dict({"classifier": {"arch": "vgg"}})
+        load_params(overrides=["classifier.arch=vgg"])
 
 
 def _fit_head(monotone: bool, id_energy, outlier_energy, steps: int = 300) -> EnergyHead:
@@ -116,8 +116,8 @@ def test_train_classifier_writes_weights_and_per_epoch_checkpoints(tmp_path, log
     assert json.loads((layout.classifier / "config.json").read_text()) == config
 
     checkpoints = sorted(p.name for p in layout.classifier_checkpoints.iterdir())
-    assert checkpoints == ["epoch_0001", "epoch_0002"]
-    for checkpoint in layout.classifier_checkpoints.iterdir():  # safetensors + JSON only: nothing to unpickle
+    assert checkpoints == ["epoch_0001", "epoch_0002", "work-key.txt"]  # the key: ncis/resume.py
+    for checkpoint in layout.classifier_checkpoints.glob("epoch_*"):  # safetensors + JSON only: nothing to unpickle
         assert {p.name for p in checkpoint.iterdir()} == {"state.safetensors", "state.json"}
         tensors = load_file(str(checkpoint / "state.safetensors"))
         assert any(k.startswith("optimizer/") for k in tensors) and any(k.startswith("head/") for k in tensors)
@@ -162,12 +162,12 @@ def test_more_epochs_are_refused_and_changed_settings_restart(tmp_path, logged_s
         main(tiny_params(tmp_path, epochs=3))
     assert "\n" not in str(refused.value)
     assert logged_steps == [1, 2]  # nothing trained
-    assert sorted(p.name for p in layout.classifier_checkpoints.iterdir()) == ["epoch_0001", "epoch_0002"]
+    assert sorted(p.name for p in layout.classifier_checkpoints.glob("epoch_*")) == ["epoch_0001", "epoch_0002"]
     assert main(tiny_params(tmp_path, epochs=2))["train_stats"]  # finished: weights rewritten from the checkpoint
     assert logged_steps == [1, 2]
     main(tiny_params(tmp_path, epochs=1, lr=0.01))  # another run: its checkpoints don't apply
     assert logged_steps[2:] == [1]
-    assert sorted(p.name for p in layout.classifier_checkpoints.iterdir()) == ["epoch_0001"]
+    assert sorted(p.name for p in layout.classifier_checkpoints.glob("epoch_*")) == ["epoch_0001"]
     regenerated = next(layout.synthetic_images.rglob("*.png"))
     os.utime(regenerated, ns=(0, regenerated.stat().st_mtime_ns + 10**9))  # new outliers, same count
     main(tiny_params(tmp_path, epochs=1, lr=0.01))
@@ -184,7 +184,7 @@ def test_checkpoint_pruning_keeps_the_configured_number(tmp_path, logged_steps):
 
     make_tiny_data(tmp_path / "run")
     main(tiny_params(tmp_path / "run", epochs=3, keep_checkpoints=1))
-    assert [p.name for p in (tmp_path / "run" / "classifier_checkpoints").iterdir()] == ["epoch_0003"]
+    assert [p.name for p in (tmp_path / "run" / "classifier_checkpoints").glob("epoch_*")] == ["epoch_0003"]
 
 
 def test_energy_weight_zero_leaves_the_cross_entropy_alone():
@@ -223,7 +223,7 @@ def test_max_outliers_caps_the_outlier_set_with_a_seeded_subset(tmp_path):
     make_tiny_data(tmp_path)  # 12 synthetic outliers
 
     def chosen(max_outliers, seed=0):
-        params = params_from_dict({"outputs": str(tmp_path), "seed": seed, "classifier": {"max_outliers": max_outliers}})
+        params = load_params(overrides=[f"outputs={tmp_path}", f"seed={seed}", f"classifier.max_outliers={max_outliers}"])
         dataset = outlier_dataset(params, layout_for(params), get_benchmark("digits"))
         return list(dataset.indices) if hasattr(dataset, "indices") else list(range(len(dataset)))
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ncis.config import CvpnParams, load_params
+from ncis.config import load_params
 from ncis.cvpn import CVPN, count_invariants, load_cvpn
 from ncis.errors import UserError
 from ncis.io import save_arrays, save_weights
@@ -102,7 +102,8 @@ def test_reconstruction_detach_keeps_the_loss_but_drops_the_forward_gradient():
 def test_holdout_zero_selects_on_training_data_and_restores_the_best_epoch():
     embeddings, labels = circles(n=100)
     # A large step overshoots after epoch 1, so the best epoch is not the last one.
-    config = CvpnParams(hidden=32, epochs=3, lr=0.3, holdout_fraction=0, **DESIGNS["paper"], reconstruction_detach=True)
+    update = {"hidden": 32, "epochs": 3, "lr": 0.3, "batch_size": 64, "holdout_fraction": 0.0, **DESIGNS["paper"], "reconstruction_detach": True}
+    config = load_params().cvpn.model_copy(update=update)
     result = fit_cvpn(embeddings, labels, 3, config, num_invariants=1, progress=False)
     assert result.selected_on == "train" and len(result.holdout_index) == 0 and len(result.train_index) == len(labels)
     history = [entry["train_invariant_mse"] for entry in result.history]
@@ -146,7 +147,7 @@ def circles(n=200, num_classes=3, seed=0):
 
 def test_training_learns_a_non_linear_invariant():
     embeddings, labels = circles()
-    config = CvpnParams(hidden=64, epochs=30, lr=3e-3, batch_size=64)
+    config = load_params().cvpn.model_copy(update={"hidden": 64, "epochs": 30, "lr": 3e-3, "batch_size": 64})
     result = fit_cvpn(embeddings, labels, 3, config, num_invariants=1, progress=False)
     initial = result.history[0]["holdout_invariant_mse"]
     assert result.best_invariant_mse < 0.2 * initial
@@ -156,7 +157,8 @@ def test_training_learns_a_non_linear_invariant():
 
 def test_a_trained_cvpn_maps_the_same_point_to_different_outliers_per_class():
     embeddings, labels = circles()
-    config = CvpnParams(hidden=32, epochs=10, lr=3e-3, batch_size=64, **DESIGNS["paper"], reconstruction_detach=True)
+    update = {"hidden": 32, "epochs": 10, "lr": 3e-3, "batch_size": 64, **DESIGNS["paper"], "reconstruction_detach": True}
+    config = load_params().cvpn.model_copy(update=update)
     model = fit_cvpn(embeddings, labels, 3, config, num_invariants=1, progress=False).model
     x = torch.as_tensor(embeddings[labels == 0])
     with torch.no_grad():

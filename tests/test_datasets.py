@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from ncis.config import load_params
-from ncis.datasets import get_benchmark, image_folder, load_images, write_image_folder
+from ncis.datasets import get_benchmark, image_folder, load_images, prompt_words, write_image_folder
 from ncis.datasets import digits as digits_module
 from ncis.errors import UserError
 from ncis.layout import layout_for
@@ -205,6 +206,7 @@ def test_cifar100_prepare_on_a_tiny_fake_release(tmp_path, monkeypatch):
     assert load_images(layout.ood("svhn"))[0].shape == (4, 32, 32, 3)
     for name in ["places365", "lsun", "isun", "textures"]:
         assert load_images(layout.ood(name))[0].shape == (2, 32, 32, 3)
+    assert not layout.id_train_originals.exists()  # the stored PNGs are CIFAR's originals
 
 
 def test_imagenet100_prepare_on_a_tiny_fake_release(tmp_path):
@@ -229,3 +231,145 @@ def test_imagenet100_prepare_on_a_tiny_fake_release(tmp_path):
         assert first.size == (224, 224)
     assert len(image_folder(layout.id_test)) == 100
     assert all(len(image_folder(layout.ood(name))) == 2 for name in ["inaturalist", "sun", "places", "textures"])
+
+
+# --- the paper's per-class words (token inverted, synthesis prompt) -------------------------
+
+
+def stems(word: str) -> set[str]:
+    """The word and its singulars: the paper's names are CIFAR's labels, often in the plural."""
+    return {word, word[:-1] if word.endswith("s") else word, word[:-3] + "y" if word.endswith("ies") else word}
+
+
+def names_a_word_of(name: str, label: str) -> bool:
+    """Some word of `name` (or its singular) starts some word of `label`: 'chimp' ~ 'chimpanzee'."""
+    return any(label_word.startswith(stem) for word in prompt_words(name) for stem in stems(word) for label_word in prompt_words(label))
+
+
+def first_word_differs(benchmark) -> dict[str, str]:
+    """display name -> token name, for the classes whose inverted word is not the display name's first."""
+    return {
+        display: token
+        for display, token in zip(benchmark.class_names, benchmark.token_names)
+        if prompt_words(display)[0] != prompt_words(token)[0]
+    }
+
+
+def test_cifar100_paper_names_follow_the_label_order():
+    from ncis.datasets.cifar100 import CIFAR100_LABELS
+
+    benchmark = get_benchmark("cifar100")
+    assert len(benchmark.token_names) == len(benchmark.prompt_names) == len(CIFAR100_LABELS) == 100
+    for label, token, prompt in zip(CIFAR100_LABELS, benchmark.token_names, benchmark.prompt_names):
+        assert len(prompt_words(token)) == 1, token  # one word: its first token is the one inverted
+        assert names_a_word_of(token, label) and names_a_word_of(prompt, label), (label, token, prompt)
+    # Exactly where the paper inverts another word than the label's first (embed_c100_images_clip.py:33-134).
+    assert first_word_differs(benchmark) == {
+        "apple": "apples", "aquarium fish": "fish", "bottle": "bottles", "bowl": "bowls", "can": "cans",
+        "chimpanzee": "chimp", "cup": "cups", "lawn mower": "mower", "mushroom": "mushrooms", "orange": "oranges",
+        "orchid": "orchids", "pear": "pears", "pickup truck": "truck", "plate": "plates", "poppy": "poppies",
+        "rose": "roses", "sunflower": "sunflowers", "sweet pepper": "peppers", "tulip": "tulips",
+    }  # fmt: skip
+    prompts = dict(zip(benchmark.token_names, benchmark.prompt_names))
+    assert prompts["fish"] == "aquarium fish" and prompts["mower"] == "lawn-mower" and prompts["peppers"] == "sweet peppers"
+    assert prompts["chimp"] == "chimp"  # not the reference's "chimpanzee", which lacks the token "chimp"
+
+
+def test_imagenet100_paper_names_follow_the_wnid_order():
+    from ncis.datasets.imagenet100 import CLASSES
+
+    benchmark = get_benchmark("imagenet100")
+    assert len(benchmark.token_names) == len(benchmark.prompt_names) == len(CLASSES) == 100
+    assert all(len(prompt_words(token)) == 1 for token in benchmark.token_names)
+    tokens = dict(zip(CLASSES, benchmark.token_names))
+    assert tokens["n01498041"] == "stingray" and tokens["n02071294"] == "orca" and tokens["n02510455"] == "panda"
+    assert tokens["n02687172"] == "carrier" and tokens["n03032252"] == "cinema" and tokens["n07745940"] == "strawberry"
+    assert first_word_differs(benchmark) == {
+        "crayfish": "crawfish", "killer whale": "orca", "giant panda": "panda", "aircraft carrier": "carrier",
+        "lighthouse": "beacon", "ring binder": "binder", "storage chest": "chest", "movie theater": "cinema",
+        "jeans": "jean", "lawn mower": "mower", "metal nail": "nail", "shipwreck": "wreck",
+    }  # fmt: skip
+    # The prompt is the token name itself except for the paper's suffixes (dream_ood.py:503-514).
+    suffixed = {token: prompt for token, prompt in zip(benchmark.token_names, benchmark.prompt_names) if token != prompt}
+    assert suffixed == {
+        "stingray": "stingray in the water", "kite": "kite bird", "tick": "tick bite", "quail": "quail bird",
+        "ox": "ox animal", "impala": "impala animal", "chest": "chest box", "nail": "wire nail",
+    }  # fmt: skip
+
+
+def test_benchmark_names_default_to_class_names_and_are_checked():
+    from ncis.datasets import Benchmark
+
+    digits_benchmark = get_benchmark("digits")
+    assert digits_benchmark.token_names == digits_benchmark.prompt_names == digits_benchmark.class_names
+    assert not digits_benchmark.keeps_originals and get_benchmark("imagenet100").keeps_originals
+
+    def make(**names):
+        return Benchmark("fake", ("cat", "chimpanzee"), 8, 3, {}, prepare_data=None, **names)
+
+    assert make(token_names=("cat", "chimp"), prompt_names=("cat", "chimp")).token_names == ("cat", "chimp")
+    with pytest.raises(ValueError, match="1 token_names for 2 classes"):
+        make(token_names=("cat",))
+    # The reference's own slip: the word swapped in synthesis must occur in its prompt.
+    with pytest.raises(ValueError, match="class 1: token name 'chimp' is not a word of prompt name 'chimpanzee'"):
+        make(token_names=("cat", "chimp"))
+
+
+# --- ImageNet-100: the original training files beside the 224 crops ------------------------
+
+
+def write_fake_imagenet(root: Path, train_per_class: int = 2) -> dict[tuple[int, int], Path]:
+    """Solid-colour JPEGs larger than 224 (colour = (class, n)) under root/imagenet; returns (class, n) -> source."""
+    from ncis.datasets.imagenet100 import CLASSES
+
+    sizes = [(300, 260), (260, 400), (420, 300)]
+    sources = {}
+    for split, count in [("train", train_per_class), ("val", 1)]:
+        for index, wnid in enumerate(CLASSES):
+            folder = root / "imagenet" / split / wnid
+            folder.mkdir(parents=True)
+            for n in range(count):
+                path = folder / f"{wnid}_{n}.JPEG"
+                Image.new("RGB", sizes[n % len(sizes)], (2 * index, 100 * n, 50)).save(path, quality=95)
+                if split == "train":
+                    sources[index, n] = path
+    write_ood_folders(root, ["iNaturalist", "SUN", "Places", "dtd/images"])
+    return sources
+
+
+def test_imagenet100_prepare_keeps_the_original_jpegs_image_for_image(tmp_path):
+    sources = write_fake_imagenet(tmp_path / "datasets")
+    _, layout = prepare(tmp_path / "out", "benchmark=imagenet100", f"data.root={tmp_path / 'datasets'}")
+
+    crops, originals = image_folder(layout.id_train), image_folder(layout.id_train_originals)
+    assert originals.targets == crops.targets == sorted(crops.targets) and len(originals) == 200
+    for (crop_path, label), (original_path, original_label) in zip(crops.samples, originals.samples):
+        n = int(Path(crop_path).stem)
+        assert (label, n) == (original_label, int(Path(original_path).stem))
+        source = sources[label, n]
+        assert Path(original_path).read_bytes() == source.read_bytes()  # the file itself, not a re-encoding
+        assert os.path.samefile(original_path, source)  # same file system here: a hard link, no extra disk
+        with Image.open(crop_path) as crop, Image.open(original_path) as original:
+            assert crop.size == (224, 224) and original.size == Image.open(source).size  # e.g. 300x260, not 224
+            assert np.abs(np.asarray(crop, float).mean((0, 1)) - np.asarray(original.convert("RGB"), float).mean((0, 1))).max() < 3
+
+    # What embed does with them: the paper's Resize(512) + CenterCrop(512) of the original.
+    from torchvision import transforms
+
+    view = transforms.Compose([transforms.Resize(512), transforms.CenterCrop(512), transforms.ToTensor()])
+    assert image_folder(layout.id_train_originals, transform=view)[0][0].shape == (3, 512, 512)
+
+
+def test_imagenet100_originals_are_copied_across_file_systems(tmp_path, monkeypatch):
+    import errno
+
+    sources = write_fake_imagenet(tmp_path / "datasets", train_per_class=1)
+
+    def cross_device(source, target):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    _, layout = prepare(tmp_path / "out", "benchmark=imagenet100", f"data.root={tmp_path / 'datasets'}")
+    for path, label in image_folder(layout.id_train_originals).samples:
+        assert not os.path.samefile(path, sources[label, 0])
+        assert Path(path).read_bytes() == sources[label, 0].read_bytes()

@@ -31,3 +31,21 @@ def test_pairwise_diversity_is_zero_for_copies_and_grows_with_spread():
     assert pairwise_diversity(image, labels) == 0
     spread = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 1), dtype=np.uint8)
     assert pairwise_diversity(spread, labels) > 1
+
+
+def test_mahalanobis_ratio_equals_a_direct_computation():
+    rng = np.random.default_rng(1)
+    members = rng.normal(size=(50, 3)) * [1.0, 2.0, 0.5]
+    outliers = rng.normal(size=(1, 7, 3)) * 3
+    mean, precision = members.mean(0), np.linalg.inv(np.cov(members, rowvar=False) + 1e-5 * np.eye(3))
+    distance = lambda x: np.sqrt(np.einsum("nd,de,ne->n", x - mean, precision, x - mean))  # noqa: E731
+    expected = distance(outliers[0]).mean() / distance(members).mean()
+    assert np.isclose(mahalanobis_ratio(members, np.zeros(50, int), outliers), expected)
+
+
+def test_pairwise_diversity_is_the_mean_pixel_distance_within_each_class():
+    images = np.zeros((4, 1, 2, 1), np.uint8)
+    images[1, 0, 0, 0] = images[3, 0, 1, 0] = 255  # class 0: distance 1; class 1: distance sqrt(2)
+    images[2, 0, 0, 0] = 255
+    labels = np.array([0, 0, 1, 1])
+    assert np.isclose(pairwise_diversity(images, labels), (1.0 + np.sqrt(2)) / 2)

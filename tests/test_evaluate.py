@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ncis import evaluate, registry, tracking
 from ncis.classifiers import build_classifier
-from ncis.config import params_from_dict
+from ncis.config import load_params
 from ncis.datasets import get_benchmark, write_image_folder
 from ncis.errors import UserError
 from ncis.evaluate import main, ood_subset
@@ -21,7 +21,7 @@ METRICS = {"fpr95", "auroc", "aupr_in", "aupr_out"}
 
 def tiny_params(root, score="energy", **evaluate):
     settings = {"score": score, "batch_size": 16, "knn_k": 3, **evaluate}
-    return params_from_dict({"outputs": str(root), "device": "cpu", "evaluate": settings})
+    return load_params(overrides=[f"outputs={root}", "device=cpu", *(f"evaluate.{k}={v}" for k, v in settings.items())])
 
 
 def make_tiny_benchmark(root, channels=1) -> None:

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from ncis.cli import STAGES, main
+from ncis.cli import main
+from ncis.pipeline import STAGES
 
 # Every stage, each cut to seconds; the same keys a user would --set.
 TINY_PIPELINE = [

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ncis.config import SampleParams, load_params
+from ncis.config import load_params
 from ncis.cvpn import load_cvpn
 from ncis.errors import UserError
 from ncis.io import load_arrays, save_arrays
@@ -26,7 +26,7 @@ def clustered(seed=0):
 
 
 def small_config(**overrides):
-    return SampleParams(**{"candidates": 60, "keep": 4, "rounds": 3, "reg": 1e-4, **overrides})
+    return load_params().sample.model_copy(update={"candidates": 60, "keep": 4, "rounds": 3, "reg": 1e-4, **overrides})
 
 
 def test_gaussian_keeps_the_lowest_densities():

@@ -23,7 +23,8 @@ import yaml
 from mlflow import MlflowClient
 
 from ncis import pipeline, tracking
-from ncis.cli import STAGES, parse_args
+from ncis.cli import parse_args
+from ncis.pipeline import STAGES
 from ncis.config import load_params, params_from_dict
 from ncis.errors import UserError
 from conftest import free_port
@@ -42,7 +43,11 @@ REPORT = {  # metrics.json as in ARCHITECTURE.md
 
 
 def make_params(outputs: Path, **tree):
-    return params_from_dict({"outputs": str(outputs), **tree})
+    """params.yaml with `outputs` and the given sections' keys replaced."""
+    base = load_params(Path(__file__).resolve().parents[1] / "params.yaml").model_dump()
+    for key, value in tree.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) else value
+    return params_from_dict({**base, "outputs": str(outputs)})
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ digits, CIFAR100, ImageNet100 and synthetic outliers through the same code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,11 +30,40 @@ class Benchmark:
     # Where the diffusion model comes from when `diffusion.model` is empty:
     # "tiny" = the model `prepare` trains, else a hub id / path.
     default_diffusion: str = "CompVis/stable-diffusion-v1-4"
-    extra: dict = field(default_factory=dict)
+    # Parameters only some benchmarks use (None elsewhere), that this one cannot run without.
+    needs: tuple[str, ...] = ("data.root",)
+    # The paper's words per class (empty = class_names). The token NCIS inverts and later swaps
+    # for an outlier embedding is the FIRST token of token_names[c]: `embed` writes the class as
+    # token_names[c] ("An image of a fish"); `synthesize` writes prompt_names[c] ("A high-quality
+    # image of the aquarium fish") and swaps that same token where it occurs in the prompt.
+    token_names: tuple[str, ...] = ()
+    prompt_names: tuple[str, ...] = ()
+    # True: `prepare` also keeps the original training files, image for image beside
+    # `Layout.id_train`, at `Layout.id_train_originals` (ImageNet-100: the paper embeds the
+    # original JPEGs at 512, not the stored 224 crops).
+    keeps_originals: bool = False
+
+    def __post_init__(self):
+        for name in ("token_names", "prompt_names"):
+            names = tuple(getattr(self, name) or self.class_names)
+            if len(names) != len(self.class_names):
+                raise ValueError(f"{self.name}: {len(names)} {name} for {len(self.class_names)} classes")
+            object.__setattr__(self, name, names)
+        for c, (token, prompt) in enumerate(zip(self.token_names, self.prompt_names)):
+            # Word-level stand-in for the tokenizer check `synthesize` makes: a token name missing
+            # from its prompt name would leave the outlier embedding unused (see docs/paper-fidelity.md).
+            first_word = prompt_words(token)[:1]
+            if not first_word or first_word[0] not in prompt_words(prompt):
+                raise ValueError(f"{self.name}: class {c}: token name {token!r} is not a word of prompt name {prompt!r}")
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+def prompt_words(text: str) -> list[str]:
+    """Lower-cased runs of letters and digits: the words a CLIP-style tokenizer splits a prompt into."""
+    return re.findall(r"[^\W_]+", text.lower())
 
 
 BENCHMARKS: dict[str, Benchmark] = {}

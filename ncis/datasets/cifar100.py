@@ -41,6 +41,40 @@ CIFAR100_LABELS = (
     "tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
 ).split()
 
+# The paper's single words per class (NCIS, LarsDoorenbos/NCIS@42fb174,
+# scripts/get_embeddings/embed_c100_images_clip.py:33-134, the same list as
+# ldm/modules/encoders/modules.py:160-261): the first token of each is the token inverted by
+# `embed` ("An image of a fish") and swapped for an outlier embedding by `synthesize`.
+TOKEN_NAMES = (
+    "apples", "fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottles",
+    "bowls", "boy", "bridge", "bus", "butterfly", "camel", "cans", "castle", "caterpillar", "cattle",
+    "chair", "chimp", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cups", "dinosaur",
+    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
+    "lamp", "mower", "leopard", "lion", "lizard", "lobster", "man", "maple", "motorcycle", "mountain",
+    "mouse", "mushrooms", "oak", "oranges", "orchids", "otter", "palm", "pears", "truck", "pine",
+    "plain", "plates", "poppies", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
+    "roses", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+    "squirrel", "streetcar", "sunflowers", "peppers", "table", "tank", "telephone", "television", "tiger", "tractor",
+    "train", "trout", "tulips", "turtle", "wardrobe", "whale", "willow", "wolf", "woman", "worm",
+)  # fmt: skip
+
+# The paper's names in the synthesis prompt "A high-quality image of the <name>"
+# (LarsDoorenbos/NCIS@42fb174, scripts/dream_ood.py:84-184), with one departure: class 21 is
+# "chimp", not the reference's "chimpanzee", which CLIP tokenizes as chim|pan|zee so that the
+# swapped token "chimp" never occurs and the class's outlier embedding goes unused.
+PROMPT_NAMES = (
+    "apples", "aquarium fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottles",
+    "bowls", "boy", "bridge", "bus", "butterfly", "camel", "cans", "castle", "caterpillar", "cattle",
+    "chair", "chimp", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cups", "dinosaur",
+    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "computer keyboard",
+    "lamp", "lawn-mower", "leopard", "lion", "lizard", "lobster", "man", "maple", "motorcycle", "mountain",
+    "mouse", "mushrooms", "oak", "oranges", "orchids", "otter", "palm", "pears", "pickup truck", "pine",
+    "plain", "plates", "poppies", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
+    "roses", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+    "squirrel", "streetcar", "sunflowers", "sweet peppers", "table", "tank", "telephone", "television", "tiger", "tractor",
+    "train", "trout", "tulips", "turtle", "wardrobe", "whale", "willow", "wolf", "woman", "worm",
+)  # fmt: skip
+
 IMAGE_SIZE = 32
 # name -> folder under root (svhn is read by torchvision instead)
 OOD_FOLDERS = {"places365": "places365", "lsun": "LSUN", "isun": "iSUN", "textures": "dtd/images"}
@@ -83,5 +117,7 @@ CIFAR100 = register(
         channels=3,
         ood_sets={"svhn": "far", "places365": "far", "lsun": "far", "isun": "far", "textures": "far"},
         prepare_data=prepare_data,
+        token_names=TOKEN_NAMES,
+        prompt_names=PROMPT_NAMES,
     )
 )

@@ -214,5 +214,11 @@ DIGITS = register(
         ood_sets={"letters": "near", "photos": "far", "textures": "far", "noise": "far"},
         prepare_data=prepare_data,
         default_diffusion="tiny",
+        needs=(
+            "data.test_fraction",
+            "data.ood_size",
+            *(f"diffusion.{key}" for key in
+              ("train_steps", "train_batch_size", "train_lr", "cfg_dropout", "token_noise", "unet_channels", "text_width")),
+        ),
     )
 )

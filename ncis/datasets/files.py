@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,3 +54,19 @@ def fit_square(image: Image.Image, resize: int, crop: int) -> Image.Image:
     image = image.resize((width, height), Image.BILINEAR, reducing_gap=3.0)
     left, top = (width - crop) // 2, (height - crop) // 2
     return image.crop((left, top, left + crop, top + crop))
+
+
+def link_or_copy_files(files: list[Path], folder: Path) -> None:
+    """Keep `files` unchanged as `folder/<n><suffix>`: hard links where the file system allows, else copies."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def keep(job):
+        n, source = job
+        target = folder / f"{n}{source.suffix.lower()}"
+        try:
+            os.link(source, target)
+        except OSError:  # another file system (EXDEV) or one without hard links
+            shutil.copyfile(source, target)
+
+    with ThreadPoolExecutor() as pool:
+        list(pool.map(keep, enumerate(files)))

@@ -1,9 +1,10 @@
 """ImageNet-100 (ID) with the OOD sets of the Dream-OOD / NCIS ImageNet-100 benchmark.
 
 The 100 classes are Dream-OOD's (deeplearning-wisc/dream-ood, scripts/generate_in100.py),
-which NCIS follows; class names for prompts are Dream-OOD's clean ImageNet names
-(scripts/classnames.txt). Nothing is downloaded: place the data under `data.root`
-(default in configs/imagenet100.yaml: `datasets/`) as
+which NCIS follows. Display names are Dream-OOD's clean ImageNet names (scripts/classnames.txt);
+the token inverted and the synthesis prompt use the paper's own words (TOKEN_NAMES,
+PROMPT_NAMES). Nothing is downloaded: place the data under `data.root` (default in
+configs/imagenet100.yaml: `datasets/`) as
 
     <root>/imagenet/train/<wnid>/*.JPEG   ImageNet-1k train (all 1000 classes or just these 100)
     <root>/imagenet/val/<wnid>/*.JPEG     ImageNet-1k validation, sorted into class folders
@@ -18,6 +19,14 @@ copies rather than symlinks: the data folder stays self-contained for DVC, survi
 `root`, takes about the disk of the original JPEGs, and every later stage reads it exactly
 like CIFAR-100 or digits (fixed-size images, no per-benchmark resizing).
 
+It also keeps the original training files, unchanged, at `Layout.id_train_originals`
+(`data/train_originals/<class>/<n>.<ext>`, image n of class c is `data/train/<c>/<n>.png`):
+the paper inverts each training image from its original JPEG resized to 512 and centre-cropped
+(NCIS scripts/get_embeddings/embed_in100_images_clip.py:96-105), and trains the classifier on
+RandomResizedCrop(224) of the originals (scripts/train_ood_det_in100.py:124-131), neither of
+which a stored 224 crop can give. The files are hard-linked where `root` and the outputs share
+a file system (no extra disk), copied otherwise (about 14 GB for the 100 classes).
+
 Groups: SUN and Places are "near" because they are scene photographs of the same kind as
 several ID classes (library, church, barn, movie theater, castle, dam, ...); iNaturalist
 (plants) and Textures share nothing with the ID classes and are "far".
@@ -26,12 +35,12 @@ several ID classes (library, church, barn, movie theater, castle, dam, ...); iNa
 from __future__ import annotations
 
 from ncis.datasets import Benchmark, register
-from ncis.datasets.files import data_root, image_files, require, write_resized_folder
+from ncis.datasets.files import data_root, image_files, link_or_copy_files, require, write_resized_folder
 from ncis.errors import UserError
 from ncis.io import atomic_path
 from ncis.layout import Layout
 
-# wnid -> prompt name, in class-index order (sorted wnids, as ImageFolder would order them).
+# wnid -> display name, in class-index order (sorted wnids, as ImageFolder would order them).
 CLASSES = {
     "n01498041": "stingray", "n01514859": "hen", "n01582220": "magpie", "n01608432": "kite (bird of prey)",
     "n01616318": "vulture", "n01687978": "agama", "n01776313": "tick", "n01806567": "quail",
@@ -60,6 +69,32 @@ CLASSES = {
     "n04579432": "whistle", "n04606251": "shipwreck", "n07714990": "broccoli", "n07745940": "strawberry",
 }  # fmt: skip
 
+# The paper's single words per class, in CLASSES order (NCIS, LarsDoorenbos/NCIS@42fb174,
+# scripts/get_embeddings/embed_in100_images_clip.py:40-60, the same list as
+# ldm/modules/encoders/modules.py:263-283 and scripts/dream_ood.py:54-74): the first token of each
+# is the token inverted by `embed` ("An image of a orca") and swapped by `synthesize`.
+TOKEN_NAMES = (
+    "stingray", "hen", "magpie", "kite", "vulture", "agama", "tick", "quail", "hummingbird", "koala",
+    "jellyfish", "snail", "crawfish", "flamingo", "orca", "chihuahua", "coyote", "tabby", "leopard", "lion",
+    "tiger", "ladybug", "fly", "ant", "grasshopper", "monarch", "starfish", "hare", "hamster", "beaver",
+    "zebra", "pig", "ox", "impala", "mink", "otter", "gorilla", "panda", "sturgeon", "accordion",
+    "carrier", "ambulance", "apron", "backpack", "balloon", "banjo", "barn", "baseball", "basketball", "beacon",
+    "binder", "broom", "candle", "castle", "chain", "chest", "church", "cinema", "cradle", "dam",
+    "desk", "dome", "drum", "envelope", "forklift", "fountain", "gown", "hammer", "jean", "jeep",
+    "knot", "laptop", "mower", "library", "lipstick", "mask", "maze", "microphone", "microwave", "missile",
+    "nail", "perfume", "pillow", "printer", "purse", "rifle", "sandal", "screw", "stage", "stove",
+    "swing", "television", "tractor", "tripod", "umbrella", "violin", "whistle", "wreck", "broccoli", "strawberry",
+)  # fmt: skip
+
+# The paper's names in the synthesis prompt "A high-quality image of the <name>": the same words
+# plus its suffixes for classes Stable Diffusion otherwise draws as something else (NCIS
+# scripts/dream_ood.py:503-514, from Dream-OOD). One departure: for "nail" the reference appends
+# a second sentence without a space ("... of the nailA high-quality image of the wire nail");
+# ncis uses the evident intent, "wire nail".
+SUFFIXES = {"kite": " bird", "quail": " bird", "chest": " box", "tick": " bite", "stingray": " in the water",
+            "ox": " animal", "impala": " animal"}  # fmt: skip
+PROMPT_NAMES = tuple("wire nail" if name == "nail" else name + SUFFIXES.get(name, "") for name in TOKEN_NAMES)
+
 IMAGE_SIZE = 224
 RESIZE = 256  # shorter side before the centre crop
 OOD_FOLDERS = {"inaturalist": "iNaturalist", "sun": "SUN", "places": "Places", "textures": "dtd/images"}
@@ -82,7 +117,10 @@ def prepare_data(params, layout: Layout) -> None:
         staging = Layout(staging_data.parent)  # its `data` is the staging folder (see digits.py)
         for split, target in (("train", staging.id_train), ("val", staging.id_test)):
             for index, wnid in enumerate(CLASSES):
-                write_resized_folder(image_files(splits[split] / wnid), target / str(index), RESIZE, IMAGE_SIZE)
+                files = image_files(splits[split] / wnid)
+                write_resized_folder(files, target / str(index), RESIZE, IMAGE_SIZE)
+                if split == "train":
+                    link_or_copy_files(files, staging.id_train_originals / str(index))
         for name, source in folders.items():
             write_resized_folder(image_files(source), staging.ood(name) / "0", RESIZE, IMAGE_SIZE)
 
@@ -95,5 +133,8 @@ IMAGENET100 = register(
         channels=3,
         ood_sets={"inaturalist": "far", "sun": "near", "places": "near", "textures": "far"},
         prepare_data=prepare_data,
+        token_names=TOKEN_NAMES,
+        prompt_names=PROMPT_NAMES,
+        keeps_originals=True,
     )
 )
