@@ -385,7 +385,11 @@ def train(params, device: torch.device) -> dict:
     seed_everything(params.seed)
 
     # 1. Data and model
-    id_train = open_images(layout.id_train, train_transform(benchmark, settings.augment), "prepare")
+    # Random resized crops come from the original photographs where the benchmark keeps them
+    # (ImageNet-100, as train_ood_det_in100.py:124-131 crops the originals), not from the stored crops.
+    originals = settings.augment == "resized_crop" and benchmark.keeps_originals
+    id_folder = layout.id_train_originals if originals else layout.id_train
+    id_train = open_images(id_folder, train_transform(benchmark, settings.augment), "prepare")
     outliers = outlier_dataset(params, layout, benchmark)
     model, mean, std = build_model(params, layout, benchmark, device)
     head = build_energy_head(settings).to(device)
@@ -415,7 +419,7 @@ def train(params, device: torch.device) -> dict:
             "classifier": {k: v for k, v in settings.model_dump().items() if k not in ("epochs", "keep_checkpoints")},
         },
         {
-            "id_train": layout.id_train,
+            "id_train": id_folder,
             **({"outliers": layout.synthetic_images} if settings.outliers == "ncis" else {}),
             **({"init": Path(settings.init)} if settings.init else {}),
         },

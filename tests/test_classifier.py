@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shutil
@@ -8,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
-from ncis import registry, tracking
+from ncis import registry, tracking, train_classifier
 from ncis.classifiers import build_classifier, load_classifier, outlier_transform, train_transform
 from ncis.config import load_params
 from ncis.datasets import get_benchmark, write_image_folder
@@ -240,6 +241,23 @@ def test_resized_crop_augmentation_gives_the_benchmark_size():
     assert any(type(step).__name__ == "RandomResizedCrop" for step in transform.transforms)
     assert outlier_transform(benchmark, "resized_crop")(Image.new("L", (20, 30))).shape == (1, 8, 8)
     assert not any(type(step).__name__ == "RandomResizedCrop" for step in train_transform(benchmark).transforms)
+
+
+def test_resized_crops_come_from_the_originals_where_the_benchmark_keeps_them(tmp_path, monkeypatch, logged_steps):
+    make_tiny_data(tmp_path, outliers=False)
+    layout = layout_for(tiny_params(tmp_path))
+    rng = np.random.default_rng(1)
+    write_image_folder(layout.id_train_originals, rng.integers(0, 256, (40, 12, 10, 1), dtype=np.uint8), np.repeat(np.arange(10), 4))
+    opened = []
+    real_open = train_classifier.open_images
+    monkeypatch.setattr(train_classifier, "open_images", lambda folder, *args: opened.append(folder) or real_open(folder, *args))
+    keeping = dataclasses.replace(get_benchmark("digits"), keeps_originals=True)
+    monkeypatch.setattr(train_classifier, "get_benchmark", lambda name: keeping)
+    main(tiny_params(tmp_path, epochs=1, outliers="none", augment="resized_crop"))
+    assert opened[0] == layout.id_train_originals
+    opened.clear()
+    main(tiny_params(tmp_path, epochs=1, outliers="none", augment="crop"))
+    assert opened[0] == layout.id_train and layout.id_train_originals not in opened
 
 
 def test_init_starts_from_a_saved_classifier_and_refuses_mismatches(tmp_path, logged_steps):
