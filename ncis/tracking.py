@@ -360,12 +360,16 @@ def _differs(old: str, new: str) -> bool:
 
 def _runs_view() -> str:
     """The MLflow UI's saved view (Runs > Views > "ncis pipelines"), as the UI stores one in an
-    experiment tag: runs sorted by average AUROC with the final metrics as columns."""
+    experiment tag: top-level runs (pipelines; stage runs of their own) sorted by average AUROC,
+    with the final metrics as columns. The UI nests stage runs only when sorted by start time."""
     columns = ["auroc/average", "fpr95/average", "aupr_in/average", "id_accuracy", "synthesize/outlier_in_class_fraction"]
     state = {
+        "searchFilter": "tags.mlflow.parentRunId IS NULL",
         "orderByKey": f"metrics.`{PRIMARY_METRIC}`",
         "orderByAsc": False,
-        "selectedColumns": [*(f"metrics.`{c}`" for c in columns), "attributes.`Models`"],
+        "selectedColumns": [f"metrics.`{c}`" for c in columns],
+        "columnOrder": ["attributes.`Run Name`"],  # the UI sizes only columns it is given an order for
+        "columnWidths": {"attributes.`Run Name`": 340},
     }
     now = int(time.time() * 1000)
     return json.dumps({"name": "ncis pipelines", "createdAt": now, "updatedAt": now, "state": json.dumps(state)})

@@ -9,9 +9,11 @@ where per-epoch metrics of the real train-cvpn and train-classifier are checked.
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -72,7 +74,7 @@ def tiny_classifier() -> torch.nn.Module:
 @pytest.fixture
 def experiment(tracking_uri, monkeypatch) -> str:
     """A fresh MLflow experiment for this test (MLflow's own MLFLOW_EXPERIMENT_NAME), on the session's server."""
-    name = f"test-{uuid.uuid4().hex[:8]}"
+    name = f"digits-test-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name)
     return name
 
@@ -574,3 +576,88 @@ def test_conda_env_installs_the_package_with_pyproject_dependencies():
     (pip,) = [d["pip"] for d in conda["dependencies"] if isinstance(d, dict)]
     assert pip == [*dependencies, "-e ."]
     assert yaml.safe_load((REPO / "MLproject").read_text())["conda_env"] == "conda.yaml"
+
+
+# ---------------------------------------------------------------- the MLflow UI in a real browser
+
+
+def browse(
+    chromium: str, url: str, profile: Path, screenshot: Path | None = None, expect: tuple[str, ...] = (), height: int = 1000
+) -> str:
+    """The DOM of `url` after the single-page app has rendered (or a screenshot of it), in headless
+    Chromium. --virtual-time-budget lets the app's requests and timers run before the dump; a
+    loaded machine may still need a second try."""
+    command = [
+        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+        f"--user-data-dir={profile}", f"--window-size=1600,{height}",
+    ]
+    dom = ""
+    for budget in (20_000, 40_000, 80_000):
+        done = subprocess.run(
+            [*command, f"--virtual-time-budget={budget}", "--dump-dom", url], capture_output=True, text=True, timeout=180
+        )
+        dom = done.stdout
+        if all(text in dom for text in expect):
+            break
+    if screenshot is not None:
+        subprocess.run(
+            [*command, "--virtual-time-budget=20000", f"--screenshot={screenshot}", url], capture_output=True, timeout=180
+        )
+        assert screenshot.stat().st_size > 10_000  # a rendered page, not a blank one
+    return dom
+
+
+def visible_text(dom: str) -> str:
+    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", dom)))
+
+
+def where(name: str, text: str) -> int:
+    """Position of `name` as a whole name (not as the start of a longer one)."""
+    return re.search(rf"{re.escape(name)}(?![\w.=-])", text).start()
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_both_pipelines_names_and_average_auroc(
+    experiment, fake_stages, chromium, tmp_path, monkeypatch, request
+):
+    """Two `ncis run`s (fake stages, real tracking) that differ in cvpn.lr, seen in the MLflow UI:
+    the experiment's runs table (the view ncis prints a link to) and the compare-runs page."""
+    _, knobs = fake_stages
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    for outputs, lr, auroc in [("a", None, 0.655), ("b", "0.01", 0.612)]:
+        knobs["report"] = {**REPORT, "average": {**REPORT["average"], "auroc": auroc}}
+        overrides = ["--set", f"outputs={tmp_path / outputs}", *(["--set", f"cvpn.lr={lr}"] if lr else [])]
+        assert main(["run", *overrides]) == 0
+    names = ["digits-cvpn-monotone-seed0", "digits-cvpn-monotone-seed0-cvpn.lr=0.01"]
+    runs = mlflow.search_runs(
+        experiment_names=[experiment], filter_string="tags.`ncis.stage` = 'pipeline'", output_format="list"
+    )
+    assert sorted(r.info.run_name for r in runs) == names
+    experiment_id = runs[0].info.experiment_id
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+
+    runs_table = tracking.runs_table_url(experiment_id)
+    dom = browse(chromium, runs_table, tmp_path / "profile", shots / "mlflow-runs.png", expect=(*names, "0.655", "0.612"))
+    text = visible_text(dom)
+    for shown in (*names, "auroc/average", "0.655", "0.612", "2 matching runs"):  # pipelines only
+        assert shown in text, f"{shown!r} not on {runs_table}"
+    assert where(names[0], text) < where(names[1], text)  # sorted by average AUROC, best first
+
+    ids = json.dumps([r.info.run_id for r in runs], separators=(",", ":"))
+    compare_page = (
+        f"{mlflow.get_tracking_uri()}/#/compare-runs?runs={ids}&experiments=[\"{experiment_id}\"]&workflowType=machine_learning"
+    )
+    shot = shots / "mlflow-compare.png"
+    dom = browse(chromium, compare_page, tmp_path / "profile", shot, expect=(*names, "0.655", "0.612"), height=1900)
+    text = visible_text(dom)
+    for shown in (*names, "cvpn.lr", "auroc/average", "0.655", "0.612"):
+        assert shown in text, f"{shown!r} not on {compare_page}"
+
+    keep = request.config.getoption("--ui-screenshots")
+    if keep:
+        for shot in shots.iterdir():
+            shutil.copy(shot, Path(keep) / shot.name)
