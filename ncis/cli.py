@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(sub.add_parser(name, help=help_text, description=help_text))
     _add_common(sub.add_parser("run", help="run every stage in order", description="run every stage in order"))
     compare = sub.add_parser("compare", help="table of tracked pipeline runs: names, differing params, metrics")
-    compare.add_argument("--experiment", default="digits", help="MLflow experiment (= benchmark name)")
+    compare.add_argument("--experiment", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else digits)")
     compare.add_argument("--runs", nargs="*", default=None, metavar="RUN_ID", help="run ids (default: latest per parameter set)")
     compare.add_argument("--all", action="store_true", help="every finished run, not only the latest per parameter set")
     compare.add_argument("--sort", default="auroc/average", metavar="COLUMN", help="metric or param to sort by, best first")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from typing import Any
 
 from ncis.errors import UserError
@@ -20,7 +21,7 @@ FORMATS = ("table", "csv", "markdown")
 
 
 def compare(
-    experiment: str = "digits",
+    experiment: str | None = None,
     runs: list[str] | None = None,
     sort: str = PRIMARY_METRIC,
     output: str = "table",
@@ -28,11 +29,12 @@ def compare(
 ) -> list[dict[str, Any]]:
     """Print the rows (`output`: table, csv or markdown), best `sort` first, and return them.
 
-    `runs`: these run ids; by default the finished pipelines of `experiment`, the latest per
-    parameter set unless `every_run`.
+    `runs`: these run ids; by default the finished pipelines of `experiment` (default: as for
+    runs, MLFLOW_EXPERIMENT_NAME, else digits), the latest per parameter set unless `every_run`.
     """
     import mlflow
 
+    experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "digits"
     if output not in FORMATS:
         raise UserError(f"--format {output!r}: choose one of {', '.join(FORMATS)}")
     check_server(fix="or unset it to read MLflow's local default store")

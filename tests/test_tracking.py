@@ -422,7 +422,7 @@ def test_compare_formats_and_errors_through_the_cli(three_pipelines, capsys):
     experiment = three_pipelines[0]
     capsys.readouterr()
 
-    assert main(["compare", "--experiment", experiment, "--format", "csv"]) == 0
+    assert main(["compare", "--format", "csv"]) == 0  # the experiment: MLFLOW_EXPERIMENT_NAME, as for runs
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [(r["name"], r["cvpn.lr"], r["auroc/average"]) for r in rows] == [("lr-0.02", "0.02", "0.8000"), ("lr-0.01", "0.01", "0.7000")]
 
