@@ -22,6 +22,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="override one parameter, e.g. --set cvpn.lr=1e-3 (repeatable)",
     )
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (same as --set tracking.enabled=false)")
+    parser.add_argument(
+        "--run-name", default=None, metavar="NAME", help="MLflow run name (default: benchmark, outliers, head, seed, changed params)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in STAGES.items():
         _add_common(sub.add_parser(name, help=help_text, description=help_text))
     _add_common(sub.add_parser("run", help="run every stage in order", description="run every stage in order"))
-    compare = sub.add_parser("compare", help="table of FPR95 / AUROC / ID accuracy of tracked runs")
-    compare.add_argument("--experiment", default="digits", help="MLflow experiment (= benchmark name)")
+    compare = sub.add_parser("compare", help="table of tracked pipeline runs: names, differing params, metrics")
+    compare.add_argument("--experiment", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else digits)")
     compare.add_argument("--runs", nargs="*", default=None, metavar="RUN_ID", help="run ids (default: latest per parameter set)")
+    compare.add_argument("--all", action="store_true", help="every finished run, not only the latest per parameter set")
+    compare.add_argument("--sort", default="auroc/average", metavar="COLUMN", help="metric or param to sort by, best first")
+    compare.add_argument("--format", default="table", choices=["table", "csv", "markdown"], help="output format")
     return parser
 
 
@@ -63,20 +69,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.command == "compare":
-            from ncis.tracking import compare
+            from ncis.compare import compare
 
-            compare(args.experiment, args.runs)
+            compare(args.experiment, args.runs, sort=args.sort, output=args.format, every_run=args.all)
             return 0
         from ncis.config import load_params
 
         overrides = list(args.overrides) + (["tracking.enabled=false"] if args.no_tracking else [])
         params = load_params(args.params, overrides)
+        from ncis import tracking
         from ncis.pipeline import run_pipeline, run_stage
 
+        run_name = args.run_name or tracking.run_name(params, baseline=load_params(args.params))
         if args.command == "run":
-            run_pipeline(params)
+            run_pipeline(params, run_name)
         else:
-            run_stage(args.command, params)
+            run_stage(args.command, params, run_name)
         return 0
     except UserError as err:
         print(f"ncis: error: {err}", file=sys.stderr)

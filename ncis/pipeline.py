@@ -38,19 +38,19 @@ def stage_function(name: str) -> Callable[[Params], object]:
     return module.main
 
 
-def run_stage(name: str, params: Params):
+def run_stage(name: str, params: Params, run_name: str | None = None):
     from ncis import tracking
 
     function = stage_function(name)
-    with tracking.stage_run(params, name):
+    with tracking.stage_run(params, name, run_name):
         return function(params)
 
 
-def run_pipeline(params: Params) -> None:
+def run_pipeline(params: Params, run_name: str | None = None) -> None:
     from ncis import tracking
 
     functions = [(name, stage_function(name)) for name in STAGES]  # fail before any work if one is missing
-    with tracking.pipeline_run(params):
+    with tracking.pipeline_run(params, run_name):
         for name, function in functions:
             with tracking.stage_run(params, name):
                 function(params)

@@ -116,7 +116,7 @@ def main(params: Params) -> dict:
         fake = [small_images[labels == c][: cfg.preview_per_class] for c in range(classes)]
         preview_grid(real, fake, folder / layout.preview.name)
         write_json(folder / "diagnostics.json", report)
-    tracking.log_metrics({f"synthesize/{k}": v for k, v in report.items() if v is not None})
+    tracking.log_summary({f"synthesize/{k}": v for k, v in report.items()})  # also on the pipeline run
     tracking.log_artifact(layout.preview)
     tracking.log_artifact(layout.synth_dir / "diagnostics.json")
     print(

@@ -1,129 +1,298 @@
-"""MLflow tracking: one run per stage, nested under a parent run when the whole pipeline runs.
+"""MLflow tracking: one run per stage, nested under a pipeline run when the whole pipeline runs.
 
-MLflow's own conventions throughout: `MLFLOW_TRACKING_URI` picks the server (default: MLflow's
-local default), the experiment is named after the benchmark, and a run started by `mlflow run`
-(which sets `MLFLOW_RUN_ID`) becomes the parent of the stage runs. Every stage run carries all
-parameters flattened (`cvpn.lr`), since a stage's results depend on its upstream stages' too,
-plus the tag `ncis.stage` by which `compare` finds the `evaluate` runs.
+Stage code logs through the run in effect, `current()`: an `MlflowRun` inside `pipeline_run` /
+`stage_run`, else the no-op `Run` (tracking off, or a stage called outside the CLI). Which one is
+chosen once, when the run opens; the module-level `log_metrics`, `log_summary`, ... forward to it,
+so a stage neither asks whether tracking is on nor holds a handle.
 
-With `tracking.enabled: false` every function here is a no-op. The logging helpers are no-ops
-outside a run, so a stage can call them unconditionally.
+MLflow's own conventions throughout: `MLFLOW_TRACKING_URI` picks the server, `MLFLOW_EXPERIMENT_NAME`
+the experiment (default: the benchmark's name), and a run started by `mlflow run` (which sets
+`MLFLOW_RUN_ID`) becomes the pipeline run. Every run carries all parameters flattened (`cvpn.lr`),
+since a stage's results depend on its upstream stages' too, the tag `ncis.stage` and provenance
+tags (git commit, DVC input hashes). docs/tracking.md documents the names.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import hashlib
+import json
 import os
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ncis.errors import UserError
 
 STAGE_TAG = "ncis.stage"
-PIPELINE = "pipeline"  # run name and stage tag of the parent run
-# Params that do not change results: left out when `compare` groups runs by parameter set.
-NOT_RESULT_PARAMS = frozenset({"outputs", "tracking.enabled"})
-COMPARED_METRICS = ("fpr95/average", "auroc/average", "id_accuracy")
+PIPELINE = "pipeline"  # `ncis.stage` of the pipeline run
+NAME_TAG = "ncis.run_name"  # the descriptive name, also on stage runs (which are named after their stage)
+# Parameters that do not change results: left out of run names and of compare's parameter sets.
+NOT_RESULT_PARAMS = frozenset({"outputs", "device", "tracking.enabled"})
+PRIMARY_METRIC = "auroc/average"  # greater is better
+RUNS_VIEW = "ncis"  # key of the saved runs-table view that ncis keeps in every experiment it logs to
 
 
-# ---------------------------------------------------------------- runs
+def registered_model_name(benchmark: str) -> str:
+    return f"ncis-{benchmark}-classifier"
 
 
-def pipeline_run(params) -> contextlib.AbstractContextManager[Any]:
-    """Parent run of a whole pipeline: the `mlflow run` project run if there is one, else a new run."""
-    return _open_run(params, PIPELINE)
+# ---------------------------------------------------------------- the run in effect
 
 
-def stage_run(params, stage: str) -> contextlib.AbstractContextManager[Any]:
-    """The run of one stage, nested under the active run, or under the `mlflow run` project run."""
-    return _open_run(params, stage)
+class Run:
+    """The no-op stand-in: every method does nothing. `MlflowRun` does the same things for real."""
+
+    run_id: str | None = None
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Numeric metrics; None values (not computed) are skipped."""
+
+    def log_summary(self, metrics: Mapping[str, Any]) -> None:
+        """Metrics that describe the pipeline's result: on this run and on the pipeline run above it."""
+
+    def log_evaluation(self, report: Mapping[str, Any]) -> None:
+        """`evaluate`'s report (the content of metrics.json) under the names of `evaluation_metrics`."""
+        self.log_summary(evaluation_metrics(report))
+
+    def log_artifact(self, path, artifact_path: str | None = None) -> None:
+        """A file, or a folder as a folder of the same name (unless `artifact_path` says otherwise)."""
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_classifier_model(self, model, example_images, name: str = "classifier"):
+        """The classifier as an MLflow pytorch model (see MlflowRun); None here."""
+        return None
+
+
+NO_RUN = Run()
+_open_runs: list[Run] = []  # innermost last
+
+
+def current() -> Run:
+    return _open_runs[-1] if _open_runs else NO_RUN
+
+
+def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
+    current().log_metrics(metrics, step)
+
+
+def log_summary(metrics: Mapping[str, Any]) -> None:
+    current().log_summary(metrics)
+
+
+def log_evaluation(report: Mapping[str, Any]) -> None:
+    current().log_evaluation(report)
+
+
+def log_artifact(path, artifact_path: str | None = None) -> None:
+    current().log_artifact(path, artifact_path)
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    current().set_tags(tags)
+
+
+def log_classifier_model(model, example_images, name: str = "classifier"):
+    return current().log_classifier_model(model, example_images, name)
+
+
+def evaluation_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """metrics.json -> MLflow metric names, all of them built here: `<metric>/<set>`, `<metric>/average`,
+    `<metric>/average_<group>` (metric: fpr95, auroc, aupr_in, aupr_out) and `id_accuracy`."""
+    sections = [
+        *report.get("ood", {}).items(),
+        ("average", report.get("average", {})),
+        *((f"average_{group}", values) for group, values in report.get("groups", {}).items()),
+    ]
+    metrics = {"id_accuracy": report["id_accuracy"]}
+    for section, values in sections:
+        metrics.update({f"{k}/{section}": v for k, v in values.items() if isinstance(v, (int, float))})
+    return metrics
+
+
+class MlflowRun(Run):
+    """An open MLflow run; `parent` is the ncis pipeline run it is nested under, if any."""
+
+    def __init__(self, run, parent: MlflowRun | None = None):
+        self.run_id = run.info.run_id
+        self.experiment_id = run.info.experiment_id
+        self.name = run.info.run_name
+        self.parent = parent
+        self.summary: dict[str, float] = {}  # what log_summary logged here
+        self.classifier_uri: str | None = None  # set on the pipeline run when a stage logs the classifier
+
+    def log_metrics(self, metrics, step=None):
+        import mlflow
+
+        values = {k: float(v) for k, v in metrics.items() if v is not None}
+        if values:
+            mlflow.log_metrics(values, step=step, run_id=self.run_id)
+
+    def log_summary(self, metrics):
+        for run in (self, self.parent) if self.parent else (self,):
+            run.log_metrics(metrics)
+            run.summary.update({k: float(v) for k, v in metrics.items() if v is not None})
+
+    def log_artifact(self, path, artifact_path=None):
+        import mlflow
+
+        path = Path(path)
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=artifact_path or path.name, run_id=self.run_id)
+        else:
+            mlflow.log_artifact(str(path), artifact_path=artifact_path, run_id=self.run_id)
+
+    def set_tags(self, tags):
+        from mlflow import MlflowClient
+        from mlflow.entities import RunTag
+
+        MlflowClient().log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_classifier_model(self, model, example_images, name="classifier"):
+        """`mlflow.pytorch.load_model(uri)(images)` gives logits. Returns MLflow's ModelInfo.
+
+        `example_images`: a batch (N > 1, so the batch dimension stays dynamic) of what the module
+        takes; to serve raw images, log a module that normalises them itself. MLflow exports a CPU
+        copy with torch.export ("pt2"), not pickle, so loading it back runs no stored code and needs
+        no ncis. The pipeline run registers it at its end (`_register_classifier`).
+        """
+        import mlflow
+        import numpy as np
+        import torch
+        from mlflow.models import infer_signature
+
+        model = copy.deepcopy(model).cpu().eval()  # the caller's model keeps its device and mode
+        if isinstance(example_images, torch.Tensor):
+            example_images = example_images.detach().cpu().numpy()
+        images = np.asarray(example_images, dtype=np.float32)
+        with torch.no_grad():
+            logits = model(torch.from_numpy(images)).numpy()
+        # Listed, not inferred: inference reloads the model in a subprocess (slow).
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"]
+        info = mlflow.pytorch.log_model(
+            model,
+            name=name,
+            signature=infer_signature(images, logits),
+            input_example=images,
+            serialization_format="pt2",
+            pip_requirements=requirements,
+        )
+        if self.parent is not None:
+            self.parent.classifier_uri = info.model_uri
+        return info
 
 
 @contextlib.contextmanager
-def _open_run(params, name: str) -> Iterator[Any]:
-    """Run `name` (the pipeline or a stage): nested under an active run (e.g. a notebook's own, or
-    the pipeline's), else at the top level; yields None with tracking off."""
+def _in_effect(run: Run) -> Iterator[Run]:
+    _open_runs.append(run)
+    try:
+        yield run
+    finally:
+        _open_runs.pop()
+
+
+# ---------------------------------------------------------------- opening runs
+
+
+def run_name(params, baseline=None) -> str:
+    """What a run is: `<benchmark>-<outliers>-<head>-seed<seed>`, then `-<key>=<value>` for every
+    parameter that differs from `baseline` (the params file as written); under `dvc exp run`, the
+    DVC experiment's name. Safe as a git ref, so it can be a DVC experiment name too."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return os.environ["DVC_EXP_NAME"]
+    outliers = params.sample.method if params.classifier.outliers == "ncis" else params.classifier.outliers
+    parts = [params.benchmark, outliers, params.classifier.energy_head, f"seed{params.seed}"]
+    if baseline is not None:
+        named = {"benchmark", "seed", "sample.method", "classifier.outliers", "classifier.energy_head"}
+        written = baseline.flat()
+        parts += [
+            f"{key}={value}"
+            for key, value in params.flat().items()
+            if key not in named | NOT_RESULT_PARAMS and value != written.get(key)
+        ]
+    return _ref_safe(parts)
+
+
+def _ref_safe(parts: list[str], limit: int = 120) -> str:
+    """Only characters git allows in a ref (DVC experiment names are refs); a hash keeps long names apart."""
+    name = "-".join(re.sub(r"[^A-Za-z0-9._=+,-]+", "_", part).strip("_") for part in parts)
+    name = re.sub(r"\.{2,}", ".", name).strip("._-")
+    if len(name) > limit:
+        name = f"{name[: limit - 9]}-{hashlib.sha1('-'.join(parts).encode()).hexdigest()[:8]}"
+    return name
+
+
+def pipeline_run(params, name: str | None = None) -> contextlib.AbstractContextManager[Run]:
+    """The run of a whole pipeline: the `mlflow run` project run if there is one, else a new run
+    named `name` (default: `run_name(params)`). At its end it registers the classifier."""
+    return _open_run(params, None, name)
+
+
+def stage_run(params, stage: str, name: str | None = None) -> contextlib.AbstractContextManager[Run]:
+    """The run of one stage: named after the stage under a pipeline run (or the `mlflow run` project
+    run), `<name>/<stage>` at the top level (a stage run on its own, e.g. by `dvc repro`)."""
+    return _open_run(params, stage, name)
+
+
+@contextlib.contextmanager
+def _open_run(params, stage: str | None, name: str | None) -> Iterator[Run]:
     if not params.tracking.enabled:
-        yield None
+        with _in_effect(NO_RUN):
+            yield NO_RUN
         return
     import mlflow
 
     check_server()
-    if mlflow.active_run() is not None:
-        with _running(params, name, nested=True) as run:
-            yield run
-    elif name != PIPELINE and os.environ.get("MLFLOW_RUN_ID"):
+    name = name or run_name(params)
+    parent = current() if isinstance(current(), MlflowRun) else None
+    if parent is None and stage is not None and os.environ.get("MLFLOW_RUN_ID"):
         # `mlflow run -e <stage>`: the project run holds the -P parameters as given; the stage
         # run below it looks exactly like one under `ncis run`, whatever the front door.
-        with _top_level_run(params, PIPELINE), _running(params, name, nested=True) as run:
-            yield run
-    else:
-        with _top_level_run(params, name) as run:
-            yield run
-
-
-@contextlib.contextmanager
-def _top_level_run(params, name: str) -> Iterator[Any]:
-    import mlflow
-
-    project_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
-    if project_run_id is None:
-        with _running(params, name, experiment_id=_experiment_id(params.benchmark)) as run:
+        with _open_run(params, None, name), _open_run(params, stage, name) as run:
             yield run
         return
-    # Resume the run `mlflow run` created. Popped from the environment because
-    # `mlflow.start_run` would otherwise resume it again in place of every nested run.
-    with _running(params, None, run_id=project_run_id) as run:
-        experiment = mlflow.get_experiment(run.info.experiment_id).name
-        if experiment != params.benchmark:
-            print(
-                f"ncis: note: logging to MLflow experiment {experiment!r}; pass --experiment-name "
-                f"{params.benchmark} to `mlflow run` to keep runs of this benchmark together",
-                file=sys.stderr,
-            )
+    if parent is not None or mlflow.active_run() is not None:  # ours, or e.g. a notebook's own
+        start = {"run_name": stage or name, "nested": True, "experiment_id": mlflow.active_run().info.experiment_id}
+    elif os.environ.get("MLFLOW_RUN_ID"):
+        # Resume the run `mlflow run` created; it keeps its name (`mlflow run --run-name`). Popped
+        # from the environment: `mlflow.start_run` would otherwise resume it in place of every nested run.
+        start = {"run_id": os.environ.pop("MLFLOW_RUN_ID")}
+    else:
+        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or params.benchmark
+        start = {"run_name": f"{name}/{stage}" if stage else name, "experiment_id": _experiment_id(experiment)}
+    tags = {STAGE_TAG: stage or PIPELINE, NAME_TAG: name, **_provenance_tags(stage)}
+    with _running(params, tags, **start) as started, _in_effect(MlflowRun(started, parent)) as run:
+        if parent is None:
+            _prepare_experiment(run.experiment_id)
         yield run
+        if stage is None:
+            _register_classifier(run, params.benchmark)
+        if parent is None:
+            _print_link(run)
 
 
 @contextlib.contextmanager
-def _running(params, stage: str | None, **start_kwargs) -> Iterator[Any]:
-    """Start (or resume) a run, log params and tags; FAILED/KILLED if the body raises, then re-raise.
-
-    `stage` None: a resumed `mlflow run` project run, which keeps its own name.
-    """
+def _running(params, tags: dict[str, str], **start_kwargs) -> Iterator[Any]:
+    """Start (or resume) a run with all params and `tags`; FAILED if the body raises, KILLED on Ctrl-C."""
     import mlflow
     from mlflow.entities import RunStatus
 
-    if stage is not None:
-        start_kwargs["run_name"] = stage
-    start_kwargs["tags"] = {STAGE_TAG: stage or PIPELINE, **_provenance_tags(stage)}
-    if start_kwargs.get("nested"):
-        start_kwargs.setdefault("experiment_id", mlflow.active_run().info.experiment_id)
     with mlflow.start_run(**start_kwargs) as run:  # its __exit__ marks FAILED on an exception
         try:
+            mlflow.set_tags(tags)
             _log_params(run, params.flat())
             yield run
         except KeyboardInterrupt:
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
             raise
-
-
-def _experiment_id(name: str) -> str:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # created meanwhile by a parallel run
-        return client.get_experiment_by_name(name).experiment_id
 
 
 def _log_params(run, flat: Mapping[str, Any]) -> None:
@@ -142,11 +311,123 @@ def _log_params(run, flat: Mapping[str, Any]) -> None:
         MlflowClient().log_batch(run.info.run_id, params=todo[start : start + MAX_PARAMS_TAGS_PER_BATCH])
 
 
+# ---------------------------------------------------------------- the experiment and the model registry
+
+
+def _experiment_id(name: str) -> str:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created meanwhile by a parallel run
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _prepare_experiment(experiment_id: str) -> None:
+    """Declare a model-training experiment with average AUROC as its primary metric, and keep the
+    `ncis` runs-table view (docs/tracking.md). The kind is left alone if someone chose another."""
+    from mlflow import MlflowClient
+    from mlflow.utils.mlflow_tags import (
+        MLFLOW_EXPERIMENT_PRIMARY_METRIC_GREATER_IS_BETTER,
+        MLFLOW_EXPERIMENT_PRIMARY_METRIC_NAME,
+    )
+
+    client = MlflowClient()
+    wanted = {
+        "mlflow.experimentKind": "custom_model_development",  # the UI's own value for model training
+        MLFLOW_EXPERIMENT_PRIMARY_METRIC_NAME: PRIMARY_METRIC,
+        MLFLOW_EXPERIMENT_PRIMARY_METRIC_GREATER_IS_BETTER: "true",
+        f"mlflow.sharedViewState.{RUNS_VIEW}": _runs_view(),
+    }
+    have = client.get_experiment(experiment_id).tags
+    for key, value in wanted.items():
+        if key not in have or (key != "mlflow.experimentKind" and _differs(have[key], value)):
+            client.set_experiment_tag(experiment_id, key, value)
+
+
+def _differs(old: str, new: str) -> bool:
+    """Tag values; saved views by content, their timestamps aside."""
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        old_view, new_view = json.loads(old), json.loads(new)
+        return (old_view["name"], old_view["state"]) != (new_view["name"], new_view["state"])
+    return old != new
+
+
+def _runs_view() -> str:
+    """The MLflow UI's saved view (Runs > Views > "ncis pipelines"), as the UI stores one in an
+    experiment tag: top-level runs (pipelines; stage runs of their own) sorted by average AUROC,
+    with the final metrics as columns. The UI nests stage runs only when sorted by start time."""
+    columns = ["auroc/average", "fpr95/average", "aupr_in/average", "id_accuracy", "synthesize/outlier_in_class_fraction"]
+    state = {
+        "searchFilter": "tags.mlflow.parentRunId IS NULL",
+        "orderByKey": f"metrics.`{PRIMARY_METRIC}`",
+        "orderByAsc": False,
+        "selectedColumns": [f"metrics.`{c}`" for c in columns],
+        "columnOrder": ["attributes.`Run Name`"],  # the UI sizes only columns it is given an order for
+        "columnWidths": {"attributes.`Run Name`": 340},
+    }
+    now = int(time.time() * 1000)
+    return json.dumps({"name": "ncis pipelines", "createdAt": now, "updatedAt": now, "state": json.dumps(state)})
+
+
+def runs_table_url(experiment_id: str) -> str | None:
+    """The experiment's runs table with the `ncis` view, on the "Model training" side of the UI."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri().rstrip("/")
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW}&workflowType=machine_learning"
+
+
+def _register_classifier(run: MlflowRun, benchmark: str) -> None:
+    """A new version of `ncis-<benchmark>-classifier` for a pipeline that logged and evaluated a
+    classifier, with the pipeline's results as tags and description. Registering copies no model
+    and loads none: the version points at the logged model."""
+    if run.classifier_uri is None or PRIMARY_METRIC not in run.summary:
+        return
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name = registered_model_name(benchmark)
+    results = {k: f"{v:.6g}" for k, v in run.summary.items()}
+    try:
+        version = mlflow.register_model(
+            run.classifier_uri, name, tags={NAME_TAG: run.name, "ncis.pipeline_run_id": run.run_id, **results}
+        )
+        MlflowClient().update_model_version(name, version.version, description=_version_description(run))
+    except MlflowException as err:  # e.g. a store without a registry: the run itself is complete
+        print(f"ncis: note: classifier not registered as {name!r}: {str(err).splitlines()[0]}", file=sys.stderr)
+        return
+    print(f"ncis: classifier registered as models:/{name}/{version.version}")
+
+
+def _version_description(run: MlflowRun) -> str:
+    metrics = run.summary
+    shown = [("AUROC", "auroc/average"), ("FPR95", "fpr95/average"), ("ID accuracy", "id_accuracy")]
+    results = ", ".join(f"{label} {100 * metrics[key]:.1f}%" for label, key in shown if key in metrics)
+    return f"{run.name}: {results} (pipeline run {run.run_id})"
+
+
+def _print_link(run: MlflowRun) -> None:
+    url = runs_table_url(run.experiment_id)
+    if url:
+        print(f"ncis: runs table (sorted by average AUROC): {url}")
+
+
 # ---------------------------------------------------------------- provenance tags
 
 
 def _provenance_tags(stage: str | None) -> dict[str, str]:
     tags = dict(_git_tags(os.getcwd()))  # a copy: the cached dict is shared
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
     if stage is not None:
         tags.update({f"dvc.dep.{path}": digest for path, digest in dvc_input_hashes(stage).items()})
     return tags
@@ -226,183 +507,3 @@ def check_server(fix: str = RUN_WITHOUT_TRACKING) -> None:
             f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer; start it, "
             f"point MLFLOW_TRACKING_URI at another, {fix}"
         )
-
-
-# ---------------------------------------------------------------- logging helpers (no-ops outside a run)
-
-
-def _active():
-    # Not imported yet: no run can be active, and a run without tracking need not pay for the import.
-    mlflow = sys.modules.get("mlflow")
-    return mlflow.active_run() if mlflow else None
-
-
-def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
-    """Log numeric metrics to the active run, if any; None values (not computed) are skipped."""
-    if _active() is None:
-        return
-    import mlflow
-
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
-
-
-def log_artifact(path, artifact_path: str | None = None) -> None:
-    """Log a file, or a folder as a folder of the same name (unless `artifact_path` says otherwise)."""
-    if _active() is None:
-        return
-    import mlflow
-
-    path = Path(path)
-    if path.is_dir():
-        mlflow.log_artifacts(str(path), artifact_path=artifact_path or path.name)
-    else:
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
-
-
-def log_weights(folder, artifact_path: str | None = None) -> None:
-    """Log a saved-weights folder (safetensors + JSON config) as artifacts under its own name."""
-    log_artifact(folder, artifact_path)
-
-
-def set_tags(tags: Mapping[str, Any]) -> None:
-    if _active() is None:
-        return
-    import mlflow
-
-    mlflow.set_tags({k: str(v) for k, v in tags.items()})
-
-
-def evaluation_metrics(report: Mapping[str, Any]) -> dict[str, float]:
-    """`metrics.json` (see ARCHITECTURE.md) -> MLflow metric names: `fpr95/<set>`, ..., `id_accuracy`."""
-    metrics = {"id_accuracy": report["id_accuracy"]}
-    for name, values in [*report.get("ood", {}).items(), ("average", report.get("average", {}))]:
-        metrics.update({f"{k}/{name}": v for k, v in values.items() if isinstance(v, (int, float))})
-    return metrics
-
-
-def log_evaluation(report: Mapping[str, Any]) -> None:
-    """Log `evaluate`'s report (the content of metrics.json) with the metric names compare reads."""
-    log_metrics(evaluation_metrics(report))
-
-
-def log_classifier_model(model, example_images, name: str = "classifier", **log_model_kwargs):
-    """Log a classifier as an MLflow pytorch model: `mlflow.pytorch.load_model(uri)(images)` gives logits.
-
-    `example_images`: a batch (N > 1, so the batch dimension stays dynamic) of what the module
-    takes; to serve raw images, log a module that normalises them itself. MLflow exports a CPU copy
-    with torch.export ("pt2"), not pickle, so loading it back runs no stored code and needs no ncis.
-    Returns MLflow's ModelInfo (its `model_uri` loads the model), or None outside a run.
-    """
-    if _active() is None:
-        return None
-    import copy
-
-    import mlflow
-    import numpy as np
-    import torch
-    from mlflow.models import infer_signature
-
-    model = copy.deepcopy(model).cpu().eval()  # the caller's model keeps its device and mode
-    if isinstance(example_images, torch.Tensor):
-        example_images = example_images.detach().cpu().numpy()
-    images = np.asarray(example_images, dtype=np.float32)
-    with torch.no_grad():
-        logits = model(torch.from_numpy(images)).numpy()
-    # Listed, not inferred: inference reloads the model in a subprocess (slow).
-    log_model_kwargs.setdefault(
-        "pip_requirements", [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"]
-    )
-    return mlflow.pytorch.log_model(
-        model,
-        name=name,
-        signature=infer_signature(images, logits),
-        input_example=images,
-        serialization_format="pt2",
-        **log_model_kwargs,
-    )
-
-
-# ---------------------------------------------------------------- compare
-
-
-def compare(experiment: str, runs: list[str] | None = None) -> list[dict[str, Any]]:
-    """Print FPR95 / AUROC / ID accuracy of the given runs, or by default of the latest finished
-    `evaluate` run per parameter set, with the parameters that differ between them. Returns the rows."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    check_server(fix="or unset it to read MLflow's local default store")
-    client = MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        known = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
-        raise UserError(f"no MLflow experiment {experiment!r} at {_uri()} (experiments there: {known})")
-    if runs:
-        chosen = []
-        for run_id in runs:
-            try:
-                chosen.append(_with_metrics(client, client.get_run(run_id)))
-            except MlflowException:
-                raise UserError(f"run {run_id!r} not found at {_uri()}; copy run ids from the MLflow UI") from None
-    else:
-        chosen = _latest_per_param_set(client, found.experiment_id)
-        if not chosen:
-            raise UserError(
-                f"no finished `evaluate` run in experiment {experiment!r} at {_uri()}; run `ncis run` first"
-            )
-    rows = _rows(chosen)
-    print(_table(rows))
-    return rows
-
-
-def _uri() -> str:
-    import mlflow
-
-    return mlflow.get_tracking_uri()
-
-
-def _with_metrics(client, run):
-    """A pipeline parent run has no metrics itself: use its `evaluate` child."""
-    if any(m in run.data.metrics for m in COMPARED_METRICS):
-        return run
-    children = client.search_runs(
-        [run.info.experiment_id],
-        f"tags.mlflow.parentRunId = '{run.info.run_id}' and tags.`{STAGE_TAG}` = 'evaluate'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return children[0] if children else run
-
-
-def _latest_per_param_set(client, experiment_id: str) -> list:
-    evaluate_runs = client.search_runs(
-        [experiment_id],
-        f"tags.`{STAGE_TAG}` = 'evaluate' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-    )
-    latest = {}
-    for run in evaluate_runs:  # newest first: the first of each parameter set wins
-        key = tuple(sorted((k, v) for k, v in run.data.params.items() if k not in NOT_RESULT_PARAMS))
-        latest.setdefault(key, run)
-    # Best (lowest) FPR95 first; runs without it last.
-    return sorted(latest.values(), key=lambda r: r.data.metrics.get("fpr95/average", float("inf")))
-
-
-def _rows(runs: list) -> list[dict[str, Any]]:
-    all_keys = sorted({k for run in runs for k in run.data.params})
-    differing = [k for k in all_keys if len({run.data.params.get(k) for run in runs}) > 1]
-    rows = []
-    for run in runs:
-        started = datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
-        row = {"run_id": run.info.run_id, "started": started}
-        row.update({k: run.data.params.get(k, "") for k in differing})
-        row.update({m: run.data.metrics.get(m) for m in COMPARED_METRICS})
-        rows.append(row)
-    return rows
-
-
-def _table(rows: list[dict[str, Any]]) -> str:
-    columns = list(rows[0])
-    cells = [[("-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)) for v in row.values()] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in [columns, *cells])

@@ -469,7 +469,7 @@ def train(params, device: torch.device) -> dict:
         "train_stats": stats,
     }
     save_weights(layout.classifier, model, config)
-    tracking.log_weights(layout.classifier)
+    tracking.log_artifact(layout.classifier)
     eval_images = open_images(layout.id_train, eval_transform(benchmark), "prepare")
     examples = torch.stack([eval_images[i][0] for i in range(min(2, len(eval_images)))])
     tracking.log_classifier_model(model.eval(), examples)  # model normalises itself: it takes [0, 1] images

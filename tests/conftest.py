@@ -125,3 +125,26 @@ def trained_digits(tmp_path_factory):
     params = load_params(overrides=[f"outputs={root}", "tracking.enabled=false", *QUALITY_TRAINING])
     prepare.main(params)
     return params, layout_for(params)
+
+
+# --- the MLflow UI in a real browser (tests/test_tracking.py) ---------------------------------
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--ui-screenshots",
+        default=None,
+        metavar="DIR",
+        help="also save the MLflow UI screenshots that the browser test takes to DIR (docs/ regenerates the docs' images)",
+    )
+
+
+@pytest.fixture
+def chromium() -> str:
+    """Debian's headless-capable `chromium` (.ci/run installs it); the test is skipped without it."""
+    import shutil
+
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("needs Debian's chromium: apt-get install -y chromium (.ci/run does)")
+    return path

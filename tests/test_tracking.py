@@ -1,12 +1,19 @@
-"""MLflow layer against a real `mlflow server` (conftest.py): runs, nesting, params, metrics,
-artifacts, the pytorch model round trip, `compare`, `mlflow run`, and the failure paths.
+"""MLflow layer against a real `mlflow server` (conftest.py): runs, nesting, names, params, metrics on
+the stage and the pipeline run, artifacts, the model registry, `compare`, `mlflow run`, and the
+failure paths (failed stage, Ctrl-C, unreachable server, tracking off).
 
-The pipeline's stages are replaced by tiny fakes through `ncis.pipeline.stage_function`.
+The pipeline's stages are replaced by tiny fakes through `ncis.pipeline.stage_function`, except
+where per-epoch metrics of the real train-cvpn and train-classifier are checked.
 """
 
 from __future__ import annotations
 
+import csv
+import html
+import io
+import json
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -14,23 +21,29 @@ import subprocess
 import sys
 import time
 import tomllib
+import uuid
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
 
+from ncis import compare as compare_module
 from ncis import pipeline, tracking
-from ncis.cli import parse_args
-from ncis.pipeline import STAGES
-from ncis.config import load_params, params_from_dict
+from ncis.cli import main, parse_args
+from ncis.config import load_params
+from ncis.datasets import write_image_folder
 from ncis.errors import UserError
+from ncis.io import save_arrays
+from ncis.layout import layout_for
+from ncis.pipeline import STAGES
 from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-REPORT = {  # metrics.json as in ARCHITECTURE.md
+REPORT = {  # metrics.json as evaluate writes it
     "benchmark": "digits",
     "score": "energy",
     "id_accuracy": 0.973,
@@ -38,22 +51,39 @@ REPORT = {  # metrics.json as in ARCHITECTURE.md
         "letters": {"group": "near", "fpr95": 0.41, "auroc": 0.91, "aupr_in": 0.93, "aupr_out": 0.87},
         "photos": {"group": "far", "fpr95": 0.05, "auroc": 0.99, "aupr_in": 0.99, "aupr_out": 0.98},
     },
-    "average": {"fpr95": 0.23, "auroc": 0.95, "aupr_in": 0.96, "aupr_out": 0.92},
+    "average": {"fpr95": 0.23, "auroc": 0.95, "aupr_in": 0.96, "aupr_out": 0.925},
+    "groups": {
+        "near": {"fpr95": 0.41, "auroc": 0.91, "aupr_in": 0.93, "aupr_out": 0.87},
+        "far": {"fpr95": 0.05, "auroc": 0.99, "aupr_in": 0.99, "aupr_out": 0.98},
+    },
 }
+DIAGNOSTICS = {"synthesize/outlier_in_class_fraction": 0.7, "synthesize/outlier_diversity": 0.12}
 
 
-def make_params(outputs: Path, **tree):
-    """params.yaml with `outputs` and the given sections' keys replaced."""
-    base = load_params(Path(__file__).resolve().parents[1] / "params.yaml").model_dump()
-    for key, value in tree.items():
-        base[key] = {**base[key], **value} if isinstance(value, dict) else value
-    return params_from_dict({**base, "outputs": str(outputs)})
+def make_params(outputs: Path, *overrides: str):
+    return load_params(REPO / "params.yaml", [f"outputs={outputs}", *overrides])
+
+
+def tiny_classifier() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 10)
+    )
+
+
+@pytest.fixture
+def experiment(tracking_uri, monkeypatch) -> str:
+    """A fresh MLflow experiment for this test (MLflow's own MLFLOW_EXPERIMENT_NAME), on the session's server."""
+    name = f"digits-test-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name)
+    return name
 
 
 @pytest.fixture
 def fake_stages(monkeypatch):
-    """Replace every stage by a fake that logs a metric and an artifact folder (`evaluate`: REPORT's
-    metrics); returns the list of stages called, and `fail` / `report` knobs."""
+    """Replace every stage by a fake that logs through ncis.tracking as the real one does: a metric
+    and an artifact folder; synthesize its diagnostics; train-classifier a tiny model; evaluate the
+    `report` knob. Returns the list of stages called and the `fail` / `report` knobs."""
     calls: list[str] = []
     knobs = {"fail": None, "report": REPORT}
 
@@ -61,12 +91,16 @@ def fake_stages(monkeypatch):
         def main(params):
             calls.append(name)
             if name == knobs["fail"]:
-                raise RuntimeError(f"{name} broke")
+                raise knobs.get("error", RuntimeError(f"{name} broke"))
             tracking.log_metrics({f"{name}/done": 1, "not_computed": None}, step=0)
             folder = Path(params.outputs) / name
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "config.json").write_text("{}")
             tracking.log_artifact(folder)
+            if name == "synthesize":
+                tracking.log_summary({**DIAGNOSTICS, "synthesize/not_computed": None})
+            if name == "train-classifier":
+                tracking.log_classifier_model(tiny_classifier(), torch.rand(4, 1, 8, 8))
             if name == "evaluate":
                 tracking.log_evaluation(knobs["report"])
 
@@ -76,11 +110,13 @@ def fake_stages(monkeypatch):
     return calls, knobs
 
 
-def pipeline_runs(client, outputs: Path):
-    """(parent, children in start order) of the pipeline that wrote to `outputs`."""
-    experiment = client.get_experiment_by_name("digits")
-    found = client.search_runs(
-        [experiment.experiment_id], f"params.outputs = '{outputs}'", order_by=["attributes.start_time ASC"]
+def pipeline_runs(experiment: str, outputs: Path):
+    """(pipeline run, its stage runs in start order) of the pipeline that wrote to `outputs`."""
+    found = mlflow.search_runs(
+        experiment_names=[experiment],
+        filter_string=f"params.outputs = '{outputs}'",
+        order_by=["attributes.start_time ASC"],
+        output_format="list",
     )
     parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1
@@ -88,7 +124,11 @@ def pipeline_runs(client, outputs: Path):
     return parents[0], children
 
 
-def test_pipeline_nests_stage_runs_with_params_metrics_artifacts_and_tags(tracking_uri, fake_stages, tmp_path, monkeypatch):
+# ---------------------------------------------------------------- runs, metrics, tags
+
+
+@pytest.mark.slow
+def test_pipeline_nests_stage_runs_with_params_metrics_artifacts_and_tags(experiment, fake_stages, tmp_path, monkeypatch):
     calls, _ = fake_stages
     monkeypatch.chdir(tmp_path)  # not a git checkout (tolerated), with a dvc.lock
     lock = {
@@ -99,37 +139,68 @@ def test_pipeline_nests_stage_runs_with_params_metrics_artifacts_and_tags(tracki
         },
     }
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
-    params = make_params(tmp_path / "out", cvpn={"lr": 0.003})
+    params = make_params(tmp_path / "out", "cvpn.lr=0.003")
 
     pipeline.run_pipeline(params)
 
     assert calls == list(STAGES)
-    parent, children = pipeline_runs(MlflowClient(), params.outputs)
+    parent, children = pipeline_runs(experiment, params.outputs)
     expected_params = {k: str(v) for k, v in params.flat().items()}
-    assert parent.info.run_name == "pipeline" and parent.info.status == "FINISHED"
+    assert parent.info.run_name == "digits-cvpn-monotone-seed0" and parent.info.status == "FINISHED"
+    assert parent.data.tags["ncis.stage"] == "pipeline" and parent.data.tags["ncis.run_name"] == "digits-cvpn-monotone-seed0"
     assert parent.data.params == expected_params
     assert [c.info.run_name for c in children] == list(STAGES)
     client = MlflowClient()
     for child in children:
         stage = child.info.run_name
         assert child.info.status == "FINISHED"
-        assert child.data.tags["ncis.stage"] == stage
+        assert child.data.tags["ncis.stage"] == stage and child.data.tags["ncis.run_name"] == parent.info.run_name
         assert child.data.params == expected_params
-        assert child.data.params["cvpn.lr"] == "0.003"
         assert child.data.metrics[f"{stage}/done"] == 1.0
         assert "not_computed" not in child.data.metrics
         assert [a.path for a in client.list_artifacts(child.info.run_id, stage)] == [f"{stage}/config.json"]
         assert "ncis.git_dirty" not in child.data.tags
     evaluate = children[-1].data.metrics
     assert evaluate["fpr95/letters"] == 0.41 and evaluate["aupr_out/photos"] == 0.98
-    assert evaluate["fpr95/average"] == 0.23 and evaluate["auroc/average"] == 0.95
+    assert evaluate["fpr95/average"] == 0.23 and evaluate["auroc/average"] == 0.95 and evaluate["aupr_out/average"] == 0.925
+    assert evaluate["auroc/average_near"] == 0.91 and evaluate["fpr95/average_far"] == 0.05
     assert evaluate["id_accuracy"] == 0.973
+    # The pipeline run carries the final metrics and the outlier diagnostics, not the stages' own.
+    synthesize = children[list(STAGES).index("synthesize")].data.metrics
+    assert {k: v for k, v in synthesize.items() if k != "synthesize/done"} == DIAGNOSTICS
+    assert parent.data.metrics == {**{k: v for k, v in evaluate.items() if "/done" not in k}, **DIAGNOSTICS}
     embed_tags = children[1].data.tags
     assert embed_tags["dvc.dep.outputs/data"] == "fresh.dir"  # the producer's out, not embed's stale dep
     assert embed_tags["dvc.dep.ncis/embed.py"] == "abc"
 
 
-def test_failed_stage_marks_its_runs_failed_and_reraises(tracking_uri, fake_stages, tmp_path):
+@pytest.mark.slow
+def test_experiment_opens_as_model_training_with_auroc_as_primary_metric(experiment, fake_stages, tmp_path, capsys):
+    pipeline.run_pipeline(make_params(tmp_path / "out"))
+
+    found = mlflow.get_experiment_by_name(experiment)
+    assert experiment != "digits"  # MLFLOW_EXPERIMENT_NAME wins over the benchmark name
+    tags = found.tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tags["mlflow.experiment.primaryMetric.name"] == "auroc/average"
+    assert tags["mlflow.experiment.primaryMetric.greaterIsBetter"] == "true"
+    view = json.loads(tags["mlflow.sharedViewState.ncis"])
+    state = json.loads(view["state"])
+    assert state["orderByKey"] == "metrics.`auroc/average`" and state["orderByAsc"] is False
+    assert "metrics.`fpr95/average`" in state["selectedColumns"]
+    url = f"{mlflow.get_tracking_uri()}/#/experiments/{found.experiment_id}/runs?viewStateShareKey=ncis&workflowType=machine_learning"
+    assert url in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_kind_chosen_by_the_user_is_kept(experiment, fake_stages, tmp_path):
+    MlflowClient().create_experiment(experiment, tags={"mlflow.experimentKind": "genai_development"})
+    pipeline.run_stage("sample", make_params(tmp_path / "out"))
+    assert mlflow.get_experiment_by_name(experiment).tags["mlflow.experimentKind"] == "genai_development"
+
+
+@pytest.mark.slow
+def test_failed_stage_marks_its_runs_failed_and_reraises(experiment, fake_stages, tmp_path):
     calls, knobs = fake_stages
     knobs["fail"] = "sample"
     params = make_params(tmp_path / "out")
@@ -138,71 +209,246 @@ def test_failed_stage_marks_its_runs_failed_and_reraises(tracking_uri, fake_stag
         pipeline.run_pipeline(params)
 
     assert calls == ["prepare", "embed", "train-cvpn", "sample"]
-    parent, children = pipeline_runs(MlflowClient(), params.outputs)
+    parent, children = pipeline_runs(experiment, params.outputs)
     assert parent.info.status == "FAILED"
     assert [(c.info.run_name, c.info.status) for c in children] == [
         ("prepare", "FINISHED"), ("embed", "FINISHED"), ("train-cvpn", "FINISHED"), ("sample", "FAILED")
     ]
+    assert tracking.current() is tracking.NO_RUN  # nothing left open
 
 
-def test_classifier_model_round_trip_and_git_tags(tracking_uri, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_ctrl_c_marks_the_stage_and_pipeline_runs_killed(experiment, fake_stages, tmp_path, monkeypatch, capsys):
+    calls, knobs = fake_stages
+    knobs["fail"], knobs["error"] = "train-cvpn", KeyboardInterrupt()
+    outputs = tmp_path / "out"
+
+    assert main(["run", "--set", f"outputs={outputs}"]) == 130  # the CLI's answer to Ctrl-C
+
+    assert "interrupted" in capsys.readouterr().err
+    parent, children = pipeline_runs(experiment, str(outputs))
+    assert parent.info.status == "KILLED"
+    assert [(c.info.run_name, c.info.status) for c in children][-1] == ("train-cvpn", "KILLED")
+    assert mlflow.active_run() is None
+
+
+@pytest.mark.slow
+def test_classifier_is_registered_per_pipeline_with_its_metrics(experiment, fake_stages, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 10)
-    )
-    with tracking.stage_run(make_params(tmp_path / "out"), "train-classifier") as run:
-        info = tracking.log_classifier_model(model, torch.rand(4, 1, 8, 8))
+    params = make_params(tmp_path / "out", "seed=3")
+    pipeline.run_pipeline(params, run_name="digits-cvpn-free-seed3-try")
+    parent, children = pipeline_runs(experiment, params.outputs)
+    train = next(c for c in children if c.info.run_name == "train-classifier")
+    client = MlflowClient()
 
-    loaded = mlflow.pytorch.load_model(info.model_uri)
+    (version,) = client.search_model_versions(f"name = 'ncis-digits-classifier' and run_id = '{train.info.run_id}'")
+    assert version.tags["ncis.run_name"] == "digits-cvpn-free-seed3-try"
+    assert version.tags["ncis.pipeline_run_id"] == parent.info.run_id
+    assert float(version.tags["auroc/average"]) == 0.95 and float(version.tags["id_accuracy"]) == 0.973
+    assert version.description.startswith("digits-cvpn-free-seed3-try: AUROC 95.0%, FPR95 23.0%, ID accuracy 97.3%")
+
+    # Loads back without ncis and without unpickling (torch.export), from the registry's URI.
+    loaded = mlflow.pytorch.load_model(f"models:/ncis-digits-classifier/{version.version}")
     images = torch.rand(3, 1, 8, 8)  # another batch size than the example's
-    torch.testing.assert_close(loaded(images), model(images))
+    torch.testing.assert_close(loaded(images), tiny_classifier()(images))
+    assert train.data.tags["mlflow.source.git.commit"] == _git_head()
+    assert train.data.tags["ncis.git_dirty"] in ("true", "false")
 
-    tags = MlflowClient().get_run(run.info.run_id).data.tags
+    # A second pipeline is a new version.
+    pipeline.run_pipeline(make_params(tmp_path / "again", "seed=3"))
+    versions = client.search_model_versions("name = 'ncis-digits-classifier'")
+    assert max(int(v.version) for v in versions) > int(version.version)
+
+
+@pytest.mark.slow
+def test_a_pipeline_without_evaluation_registers_nothing(experiment, fake_stages, tmp_path):
+    _, knobs = fake_stages
+    knobs["fail"] = "evaluate"
+    params = make_params(tmp_path / "out")
+    with pytest.raises(RuntimeError):
+        pipeline.run_pipeline(params)
+    _, children = pipeline_runs(experiment, params.outputs)
+    train = next(c for c in children if c.info.run_name == "train-classifier")
+    assert MlflowClient().search_model_versions(f"run_id = '{train.info.run_id}'") == []
+
+
+def _git_head() -> str | None:
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    if head.returncode == 0:
-        assert tags["mlflow.source.git.commit"] == head.stdout.strip()
-        assert tags["ncis.git_dirty"] in ("true", "false")
+    return head.stdout.strip() if head.returncode == 0 else None
 
 
-def test_compare_latest_finished_evaluate_per_parameter_set(tracking_uri, fake_stages, tmp_path, capsys):
+# ---------------------------------------------------------------- per-epoch metrics of the real stages
+
+
+@pytest.mark.slow
+def test_real_training_stages_log_every_epoch_to_the_server(experiment, tmp_path):
+    outputs = tmp_path / "out"
+    params = load_params(
+        REPO / "params.yaml",
+        [
+            f"outputs={outputs}", "device=cpu", "cvpn.epochs=3", "cvpn.hidden=16", "cvpn.batch_size=32",
+            "classifier.arch=small_cnn", "classifier.outliers=none", "classifier.epochs=2", "classifier.batch_size=8",
+        ]
+    )
+    layout = layout_for(params)
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 12)
+    embeddings = rng.normal(size=(120, 8)) + 5 * rng.normal(size=(10, 8))[labels]
+    save_arrays(layout.embeddings, embeddings=embeddings.astype(np.float32), labels=labels)
+    images = (rng.random((40, 8, 8, 1)) * 64 + np.repeat(np.arange(10), 4)[:, None, None, None] * 19).astype(np.uint8)
+    write_image_folder(layout.id_train, images, np.repeat(np.arange(10), 4))
+
+    cvpn = pipeline.run_stage("train-cvpn", params, "epochs")
+    classifier = pipeline.run_stage("train-classifier", params, "epochs")
+
+    client = MlflowClient()
+    runs = {r.data.tags["ncis.stage"]: r for r in mlflow.search_runs(experiment_names=[experiment], output_format="list")}
+    assert runs["train-cvpn"].info.run_name == "epochs/train-cvpn"  # a stage run of its own
+    history = client.get_metric_history(runs["train-cvpn"].info.run_id, "invariant_loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert all(np.isfinite(m.value) for m in history)
+    selected = client.get_metric_history(runs["train-cvpn"].info.run_id, f"{cvpn['selected_on']}_invariant_mse")
+    assert min(m.value for m in selected) == pytest.approx(cvpn["best_holdout_invariant_mse"])
+    assert runs["train-cvpn"].data.metrics["num_invariants"] == cvpn["num_invariants"]
+
+    history = client.get_metric_history(runs["train-classifier"].info.run_id, "train/loss")
+    assert [m.step for m in history] == [1, 2]
+    assert history[-1].value == pytest.approx(classifier["train_stats"]["train/loss"])
+    accuracy = client.get_metric_history(runs["train-classifier"].info.run_id, "train/accuracy")
+    assert accuracy[-1].value == pytest.approx(classifier["train_stats"]["train/accuracy"])
+
+
+# ---------------------------------------------------------------- run names
+
+
+def test_run_name_says_benchmark_outliers_head_seed_and_what_differs_from_the_file(monkeypatch):
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    written = load_params(REPO / "params.yaml")
+    assert tracking.run_name(written, baseline=written) == "digits-cvpn-monotone-seed0"
+    changed = load_params(
+        REPO / "params.yaml",
+        ["seed=2", "cvpn.lr=0.01", "classifier.energy_head=free", "outputs=/tmp/x", "device=cpu", "diffusion.unet_channels=[8, 16]"],
+    )
+    # seed and head are in the name already; outputs and device change no result
+    assert tracking.run_name(changed, baseline=written) == "digits-cvpn-free-seed2-diffusion.unet_channels=_8,_16-cvpn.lr=0.01"
+    assert tracking.run_name(load_params(REPO / "params.yaml", ["classifier.outliers=none"]), written) == "digits-none-monotone-seed0"
+    assert tracking.run_name(load_params(REPO / "params.yaml", ["sample.method=knn"]), written) == "digits-knn-monotone-seed0"
+    assert tracking.run_name(changed) == "digits-cvpn-free-seed2"  # no file to compare with
+
+    prompt = load_params(REPO / "params.yaml", ["synthesize.prompt=A photo: {}?", "embed.lr=1e-3"])
+    name = tracking.run_name(prompt, written)
+    assert name == "digits-cvpn-monotone-seed0-embed.lr=0.001-synthesize.prompt=A_photo"
+    subprocess.run(["git", "check-ref-format", "--allow-onelevel", name], check=True)  # a valid DVC experiment name
+
+    long = load_params(REPO / "params.yaml", [f"synthesize.prompt={'x' * 300} {{}}"])
+    assert len(tracking.run_name(long, written)) == 120
+    assert tracking.run_name(long, written) != tracking.run_name(load_params(REPO / "params.yaml", [f"synthesize.prompt={'x' * 301} {{}}"]), written)
+
+    monkeypatch.setenv("DVC_EXP_NAME", "lucid-fish")  # `dvc exp run` names the experiment
+    assert tracking.run_name(changed, baseline=written) == "lucid-fish"
+
+
+@pytest.mark.slow
+def test_cli_names_runs_from_the_params_file_or_run_name(experiment, fake_stages, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert main(["run", "--set", f"outputs={tmp_path / 'a'}", "--set", "cvpn.lr=0.01"]) == 0
+    assert main(["run", "--set", f"outputs={tmp_path / 'b'}", "--run-name", "my try"]) == 0
+    assert main(["evaluate", "--set", f"outputs={tmp_path / 'c'}"]) == 0
+    monkeypatch.setenv("DVC_EXP_NAME", "lucid-fish")
+    assert main(["evaluate", "--set", f"outputs={tmp_path / 'd'}"]) == 0
+
+    def name(outputs):
+        (run,) = mlflow.search_runs(
+            experiment_names=[experiment],
+            filter_string=f"params.outputs = '{tmp_path / outputs}' and tags.mlflow.parentRunId IS NULL",
+            output_format="list",
+        )
+        return run.info.run_name, run.data.tags
+
+    assert name("a")[0] == "digits-cvpn-monotone-seed0-cvpn.lr=0.01"
+    assert name("b")[0] == "my try"
+    assert name("c")[0] == "digits-cvpn-monotone-seed0/evaluate"
+    assert name("d")[0] == "lucid-fish/evaluate" and name("d")[1]["dvc.exp_name"] == "lucid-fish"
+
+
+# ---------------------------------------------------------------- compare
+
+
+@pytest.fixture
+def three_pipelines(experiment, fake_stages, tmp_path):
+    """Pipelines at cvpn.lr 0.01 (run twice: only the latest counts) and 0.02; returns the runs."""
     _, knobs = fake_stages
 
-    def evaluated(outputs, lr, fpr95, whole_pipeline=False):
-        knobs["report"] = {**REPORT, "average": {**REPORT["average"], "fpr95": fpr95}}
-        params = make_params(tmp_path / outputs, seed=7, cvpn={"lr": lr})
-        if whole_pipeline:
-            pipeline.run_pipeline(params)
-            parent, (*_, evaluate) = pipeline_runs(MlflowClient(), params.outputs)
-            return parent, evaluate
-        with tracking.stage_run(params, "evaluate") as run:
-            pipeline.stage_function("evaluate")(params)
-        return None, MlflowClient().get_run(run.info.run_id)
+    def pipeline_with(outputs, lr, auroc, fpr95, name):
+        knobs["report"] = {**REPORT, "average": {**REPORT["average"], "auroc": auroc, "fpr95": fpr95}}
+        params = make_params(tmp_path / outputs, "seed=7", f"cvpn.lr={lr}")
+        pipeline.run_pipeline(params, name)
+        return pipeline_runs(experiment, params.outputs)
 
-    _, superseded = evaluated("a", 0.01, 0.5)
-    _, latest = evaluated("b", 0.01, 0.3)  # same parameter set: only `outputs` differs
-    other_parent, other = evaluated("c", 0.02, 0.2, whole_pipeline=True)
+    superseded, _ = pipeline_with("a", 0.01, 0.6, 0.5, "lr-0.01-old")
+    latest, _ = pipeline_with("b", 0.01, 0.7, 0.4, "lr-0.01")  # same parameter set: only `outputs` differs
+    other, (*_, evaluate) = pipeline_with("c", 0.02, 0.8, 0.45, "lr-0.02")
+    return experiment, superseded, latest, other, evaluate
+
+
+@pytest.mark.slow
+def test_compare_one_row_per_pipeline_with_names_differing_params_and_metrics(three_pipelines, capsys):
+    experiment, superseded, latest, other, evaluate = three_pipelines
     capsys.readouterr()
 
-    rows = {row["run_id"]: row for row in tracking.compare("digits")}
+    rows = compare_module.compare(experiment)
     table = capsys.readouterr().out
 
-    assert superseded.info.run_id not in rows
-    assert rows[latest.info.run_id]["fpr95/average"] == 0.3
-    assert rows[other.info.run_id]["fpr95/average"] == 0.2
-    assert rows[other.info.run_id]["auroc/average"] == 0.95 and rows[other.info.run_id]["id_accuracy"] == 0.973
-    assert rows[other.info.run_id]["cvpn.lr"] == "0.02"
-    header = table.splitlines()[0].split()
-    assert {"run_id", "cvpn.lr", "fpr95/average", "auroc/average", "id_accuracy"} <= set(header)
-    assert other.info.run_id in table
+    assert [row["name"] for row in rows] == ["lr-0.02", "lr-0.01"]  # best average AUROC first
+    assert [row["run_id"] for row in rows] == [other.info.run_id, latest.info.run_id]
+    assert list(rows[0]) == ["name", "cvpn.lr", *compare_module.METRICS, "run_id"]  # seed is the same: not shown
+    assert rows[0]["cvpn.lr"] == "0.02" and rows[1]["cvpn.lr"] == "0.01"
+    assert rows[0]["auroc/average"] == 0.8 and rows[0]["fpr95/average"] == 0.45 and rows[0]["id_accuracy"] == 0.973
+    assert rows[0]["synthesize/outlier_in_class_fraction"] == 0.7
+    lines = table.splitlines()
+    assert lines[0].split() == list(rows[0]) and lines[1].split()[:3] == ["lr-0.02", "0.02", "0.8000"]
 
-    # A pipeline's parent run id stands for its `evaluate` run.
-    (row,) = tracking.compare("digits", [other_parent.info.run_id])
-    assert row["run_id"] == other.info.run_id
-    with pytest.raises(UserError, match="no MLflow experiment 'nope'"):
-        tracking.compare("nope")
-    with pytest.raises(UserError, match="not found"):
-        tracking.compare("digits", ["0" * 32])
+    assert [r["name"] for r in compare_module.compare(experiment, sort="fpr95/average")] == ["lr-0.01", "lr-0.02"]
+    every = compare_module.compare(experiment, every_run=True, sort="cvpn.lr")
+    assert [r["name"] for r in every] == ["lr-0.01", "lr-0.01-old", "lr-0.02"]  # stable: newest first among equals
+    # chosen runs: a stage run id too (it carries the metrics it logged itself)
+    chosen = compare_module.compare(experiment, [superseded.info.run_id, evaluate.info.run_id])
+    assert [r["name"] for r in chosen] == ["evaluate", "lr-0.01-old"]
+
+
+@pytest.mark.slow
+def test_compare_formats_and_errors_through_the_cli(three_pipelines, capsys):
+    experiment = three_pipelines[0]
+    capsys.readouterr()
+
+    assert main(["compare", "--format", "csv"]) == 0  # the experiment: MLFLOW_EXPERIMENT_NAME, as for runs
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["name"], r["cvpn.lr"], r["auroc/average"]) for r in rows] == [("lr-0.02", "0.02", "0.8000"), ("lr-0.01", "0.01", "0.7000")]
+
+    assert main(["compare", "--experiment", experiment, "--format", "markdown", "--sort", "fpr95/average"]) == 0
+    markdown = capsys.readouterr().out.splitlines()
+    assert markdown[0].startswith("| name | cvpn.lr | auroc/average |") and markdown[1].startswith("| --- |")
+    assert markdown[2].startswith("| lr-0.01 | 0.01 | 0.7000 |")
+
+    for argv, message in [
+        (["compare", "--experiment", "nope"], "no MLflow experiment 'nope'"),
+        (["compare", "--experiment", experiment, "--runs", "0" * 32], "not found"),
+        (["compare", "--experiment", experiment, "--sort", "auroc"], "--sort 'auroc': not a column"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("ncis: error: ") and message in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_compare_without_pipelines_says_what_to_run(experiment):
+    MlflowClient().create_experiment(experiment)
+    with pytest.raises(UserError, match="run `ncis run` first"):
+        compare_module.compare(experiment)
+
+
+# ---------------------------------------------------------------- failure paths and tracking off
 
 
 def test_unreachable_server_refuses_quickly_before_any_work(fake_stages, tmp_path, monkeypatch):
@@ -221,8 +467,11 @@ def test_unreachable_server_refuses_quickly_before_any_work(fake_stages, tmp_pat
     assert calls == []
 
 
-def test_tracking_disabled_creates_no_runs(tracking_uri, fake_stages, tmp_path):
+@pytest.mark.slow
+def test_tracking_disabled_creates_no_runs_and_stages_log_to_the_stand_in(tracking_uri, fake_stages, tmp_path, monkeypatch):
     calls, _ = fake_stages
+    seen = []
+    monkeypatch.setattr(tracking.Run, "log_metrics", lambda self, metrics, step=None: seen.append(self))
     client = MlflowClient()
 
     def run_count():
@@ -230,13 +479,33 @@ def test_tracking_disabled_creates_no_runs(tracking_uri, fake_stages, tmp_path):
         return len(client.search_runs(ids, max_results=1000))
 
     before = run_count()
-    pipeline.run_pipeline(make_params(tmp_path / "out", tracking={"enabled": False}))
-    pipeline.run_stage("evaluate", make_params(tmp_path / "out", tracking={"enabled": False}))
+    pipeline.run_pipeline(make_params(tmp_path / "out", "tracking.enabled=false"))
+    pipeline.run_stage("evaluate", make_params(tmp_path / "out", "tracking.enabled=false"))
     assert calls == [*STAGES, "evaluate"]
     assert run_count() == before
+    assert seen and all(run is tracking.NO_RUN for run in seen)
 
 
-def test_mlflow_run_stage_entry_point_nests_under_the_project_run(tracking_uri, tmp_path, monkeypatch):
+def test_outside_any_run_logging_is_a_no_op():
+    assert tracking.current() is tracking.NO_RUN
+    tracking.log_metrics({"x": 1.0}, step=1)
+    tracking.log_evaluation(REPORT)
+    assert tracking.log_classifier_model(tiny_classifier(), torch.rand(2, 1, 8, 8)) is None
+
+
+def test_evaluation_metric_names_are_built_in_one_place():
+    metrics = tracking.evaluation_metrics(REPORT)
+    assert metrics["id_accuracy"] == 0.973
+    assert metrics["auroc/letters"] == 0.91 and metrics["aupr_in/photos"] == 0.99
+    assert metrics["fpr95/average"] == 0.23 and metrics["auroc/average_near"] == 0.91 and metrics["aupr_out/average_far"] == 0.98
+    assert len(metrics) == 1 + 4 * (2 + 1 + 2)  # no `group` strings among them
+
+
+# ---------------------------------------------------------------- `mlflow run` and the MLproject
+
+
+@pytest.mark.slow
+def test_mlflow_run_stage_entry_point_nests_under_the_project_run(experiment, tmp_path, monkeypatch):
     """`mlflow run . --env-manager local -e train-cvpn -P cvpn.lr=1e-3` with this repo's MLproject,
     where the `ncis` on PATH runs the real CLI with a fake stage."""
     project = tmp_path / "project"
@@ -258,13 +527,14 @@ def test_mlflow_run_stage_entry_point_nests_under_the_project_run(tracking_uri, 
     )
     fake_ncis.chmod(fake_ncis.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
 
     submitted = mlflow.projects.run(
         str(project),
         entry_point="train-cvpn",
         parameters={"cvpn.lr": "1e-3", "seed": "5", "outputs": str(tmp_path / "out")},
         env_manager="local",
-        experiment_name="digits",
+        experiment_name=experiment,
     )
 
     client = MlflowClient()
@@ -274,9 +544,10 @@ def test_mlflow_run_stage_entry_point_nests_under_the_project_run(tracking_uri, 
     assert project_run.data.params["cvpn.lr"] == "1e-3"
     assert project_run.data.params["params_file"] == "params.yaml"
     assert set(load_params(project / "params.yaml").flat()) <= set(project_run.data.params)
-    (stage,) = client.search_runs(
-        [project_run.info.experiment_id], f"tags.mlflow.parentRunId = '{submitted.run_id}'"
-    )
+    # keeps the name `mlflow run` gave it; ncis's name, from the -P values, is a tag
+    assert project_run.data.tags["ncis.run_name"] == "digits-cvpn-monotone-seed5-cvpn.lr=0.001"
+    assert project_run.data.tags["ncis.stage"] == "pipeline"
+    (stage,) = client.search_runs([project_run.info.experiment_id], f"tags.mlflow.parentRunId = '{submitted.run_id}'")
     assert stage.info.run_name == "train-cvpn" and stage.info.status == "FINISHED"
     assert stage.data.params["cvpn.lr"] == "0.001" and stage.data.params["seed"] == "5"
     assert stage.data.metrics["fake/lr"] == 0.001
@@ -305,3 +576,88 @@ def test_conda_env_installs_the_package_with_pyproject_dependencies():
     (pip,) = [d["pip"] for d in conda["dependencies"] if isinstance(d, dict)]
     assert pip == [*dependencies, "-e ."]
     assert yaml.safe_load((REPO / "MLproject").read_text())["conda_env"] == "conda.yaml"
+
+
+# ---------------------------------------------------------------- the MLflow UI in a real browser
+
+
+def browse(
+    chromium: str, url: str, profile: Path, screenshot: Path | None = None, expect: tuple[str, ...] = (), height: int = 1000
+) -> str:
+    """The DOM of `url` after the single-page app has rendered (or a screenshot of it), in headless
+    Chromium. --virtual-time-budget lets the app's requests and timers run before the dump; a
+    loaded machine may still need a second try."""
+    command = [
+        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+        f"--user-data-dir={profile}", f"--window-size=1600,{height}",
+    ]
+    dom = ""
+    for budget in (20_000, 40_000, 80_000):
+        done = subprocess.run(
+            [*command, f"--virtual-time-budget={budget}", "--dump-dom", url], capture_output=True, text=True, timeout=180
+        )
+        dom = done.stdout
+        if all(text in dom for text in expect):
+            break
+    if screenshot is not None:
+        subprocess.run(
+            [*command, "--virtual-time-budget=20000", f"--screenshot={screenshot}", url], capture_output=True, timeout=180
+        )
+        assert screenshot.stat().st_size > 10_000  # a rendered page, not a blank one
+    return dom
+
+
+def visible_text(dom: str) -> str:
+    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", dom)))
+
+
+def where(name: str, text: str) -> int:
+    """Position of `name` as a whole name (not as the start of a longer one)."""
+    return re.search(rf"{re.escape(name)}(?![\w.=-])", text).start()
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_both_pipelines_names_and_average_auroc(
+    experiment, fake_stages, chromium, tmp_path, monkeypatch, request
+):
+    """Two `ncis run`s (fake stages, real tracking) that differ in cvpn.lr, seen in the MLflow UI:
+    the experiment's runs table (the view ncis prints a link to) and the compare-runs page."""
+    _, knobs = fake_stages
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    for outputs, lr, auroc in [("a", None, 0.655), ("b", "0.01", 0.612)]:
+        knobs["report"] = {**REPORT, "average": {**REPORT["average"], "auroc": auroc}}
+        overrides = ["--set", f"outputs={tmp_path / outputs}", *(["--set", f"cvpn.lr={lr}"] if lr else [])]
+        assert main(["run", *overrides]) == 0
+    names = ["digits-cvpn-monotone-seed0", "digits-cvpn-monotone-seed0-cvpn.lr=0.01"]
+    runs = mlflow.search_runs(
+        experiment_names=[experiment], filter_string="tags.`ncis.stage` = 'pipeline'", output_format="list"
+    )
+    assert sorted(r.info.run_name for r in runs) == names
+    experiment_id = runs[0].info.experiment_id
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+
+    runs_table = tracking.runs_table_url(experiment_id)
+    dom = browse(chromium, runs_table, tmp_path / "profile", shots / "mlflow-runs.png", expect=(*names, "0.655", "0.612"))
+    text = visible_text(dom)
+    for shown in (*names, "auroc/average", "0.655", "0.612", "2 matching runs"):  # pipelines only
+        assert shown in text, f"{shown!r} not on {runs_table}"
+    assert where(names[0], text) < where(names[1], text)  # sorted by average AUROC, best first
+
+    ids = json.dumps([r.info.run_id for r in runs], separators=(",", ":"))
+    compare_page = (
+        f"{mlflow.get_tracking_uri()}/#/compare-runs?runs={ids}&experiments=[\"{experiment_id}\"]&workflowType=machine_learning"
+    )
+    shot = shots / "mlflow-compare.png"
+    dom = browse(chromium, compare_page, tmp_path / "profile", shot, expect=(*names, "0.655", "0.612"), height=1900)
+    text = visible_text(dom)
+    for shown in (*names, "cvpn.lr", "auroc/average", "0.655", "0.612"):
+        assert shown in text, f"{shown!r} not on {compare_page}"
+
+    keep = request.config.getoption("--ui-screenshots")
+    if keep:
+        for shot in shots.iterdir():
+            shutil.copy(shot, Path(keep) / shot.name)
