@@ -376,6 +376,80 @@ def test_params_are_exactly_the_keys_the_stage_reads(stage):
     assert not unread, f"{stage}: params in dvc.yaml it never reads (list single keys instead of the section): {unread}"
 
 
+# --------------------------------------------------------------------------- fast: the real benchmarks' dvc.yaml
+
+EDIT = re.compile(r"#\s*real benchmarks:\s*(uncomment|delete)\b")
+
+
+def real_benchmark_dvc_yaml(text: str) -> str:
+    """dvc.yaml after the edits it marks "real benchmarks" (docs/dvc.md, "Another benchmark"):
+    the line under each `# real benchmarks: uncomment ...` loses its `# `, the line under each
+    `# real benchmarks: delete ...` goes."""
+    lines, edit = [], None
+    for line in text.splitlines(keepends=True):
+        if edit == "delete":
+            edit = None
+            continue
+        if edit == "uncomment":
+            uncommented = re.sub(r"^(\s*)#\s?", r"\1", line)
+            assert uncommented != line, f"nothing to uncomment under the marker: {line!r}"
+            line, edit = uncommented, None
+        found = EDIT.search(line)
+        edit = found.group(1) if found else None
+        lines.append(line)
+    return "".join(lines)
+
+
+def test_real_benchmark_edits_make_the_datasets_an_input_of_prepare_and_drop_the_tiny_model():
+    edited = yaml.safe_load(real_benchmark_dvc_yaml((ROOT / "dvc.yaml").read_text()))["stages"]
+    assert list(edited) == list(STAGES)
+    assert "${data.root}" in paths(edited["prepare"]["deps"])
+    tiny_model = str(Layout(Path(OUT)).tiny_diffusion)
+    assert tiny_model in paths(dvc_stages()["prepare"]["outs"])  # digits: prepare trains it
+    for name, stage in edited.items():
+        for kind in ("deps", "outs"):
+            assert tiny_model not in paths(stage.get(kind)), f"{name}: {tiny_model} is digits-only"
+    produced: list[str] = []
+    for name, stage in edited.items():  # still a pipeline whose inputs come from earlier stages
+        for dep in paths(stage["deps"]):
+            if dep.startswith(OUT):
+                assert any(under(dep, out) for out in produced), f"{name}: {dep} is no earlier stage's output"
+        produced += paths(stage.get("outs")) + paths(stage.get("metrics")) + paths(stage.get("plots"))
+    # Only those lines change: every other stage entry is as written for digits.
+    digits = dvc_stages()
+    for name in STAGES:
+        for key in set(digits[name]) | set(edited[name]):
+            if key not in ("deps", "outs"):
+                assert edited[name][key] == digits[name][key], (name, key)
+
+
+@pytest.mark.parametrize("config", ["params.yaml", "configs/cifar100.yaml", "configs/imagenet100.yaml"])
+def test_dvc_resolves_each_benchmarks_pipeline(config, tmp_path, monkeypatch):
+    """As docs/dvc.md says: the config copied over params.yaml and, for a real benchmark, dvc.yaml
+    edited; DVC itself then resolves `${data.root}` to the benchmark's data folder."""
+    from dvc.repo import Repo as DvcRepo
+
+    for variable, folder in [("DVC_SITE_CACHE_DIR", "site"), ("DVC_GLOBAL_CONFIG_DIR", "global"), ("DVC_SYSTEM_CONFIG_DIR", "system")]:
+        monkeypatch.setenv(variable, str(tmp_path / "dvc-home" / folder))
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy2(ROOT / config, project / "params.yaml")
+    root = yaml.safe_load((ROOT / config).read_text())["data"].get("root")
+    text = (ROOT / "dvc.yaml").read_text()
+    (project / "dvc.yaml").write_text(real_benchmark_dvc_yaml(text) if root else text)
+    DvcRepo.init(str(project), no_scm=True)
+    with DvcRepo(str(project)) as repo:
+        stages = {stage.name: stage for stage in repo.index.stages}
+        prepare_deps = {str(dep.def_path) for dep in stages["prepare"].deps}
+        prepare_outs = {str(out.def_path) for out in stages["prepare"].outs}
+    assert list(stages) == list(STAGES)
+    if root:
+        assert root in prepare_deps and "outputs/diffusion" not in prepare_outs
+    else:  # digits: its data is generated, its tiny model trained by prepare
+        assert all(dep.startswith("ncis/") for dep in prepare_deps - {"params.yaml"}) and "outputs/diffusion" in prepare_outs
+
+
 # --------------------------------------------------------------------------- slow: the real dvc CLI
 
 # A few seconds of work per stage; every key name is checked by ncis/config.py when the stage loads it.
