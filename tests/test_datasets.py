@@ -289,27 +289,36 @@ def test_cifar100_files_other_than_the_release_are_refused_by_md5(tmp_path):
         prepare(tmp_path / "out", "benchmark=cifar100", f"data.root={root}")
 
 
+def class_colour(index: int, split: str) -> tuple[int, int, int]:
+    """A solid colour per class index and split, 25 levels apart: JPEG's error (a level or two) cannot blur two apart."""
+    return (index % 10 * 25, index // 10 * 25, 60 if split == "train" else 190)
+
+
 def test_imagenet100_prepare_on_a_tiny_fake_release(tmp_path):
     from ncis.datasets.imagenet100 import CLASSES
 
+    # torchvision's ImageFolder, which the paper's code reads ImageNet-100 with, numbers the
+    # class folders in sorted order: class i is the i-th wnid in sorted order.
+    wnids = sorted(CLASSES)
+    assert list(CLASSES) == wnids and len(set(wnids)) == 100
+    assert get_benchmark("imagenet100").class_names == tuple(CLASSES[w] for w in wnids)
     root = tmp_path / "datasets"
-    image = Image.new("RGB", (30, 20), (200, 10, 10))
     for split in ["train", "val"]:
-        for wnid in CLASSES:
+        for index, wnid in enumerate(wnids):
             (root / "imagenet" / split / wnid).mkdir(parents=True)
-            image.save(root / "imagenet" / split / wnid / f"{wnid}_1.JPEG")
+            Image.new("RGB", (30, 20), class_colour(index, split)).save(root / "imagenet" / split / wnid / f"{wnid}_1.JPEG", quality=95)
     (root / "imagenet" / "train" / "n99999999").mkdir()  # an ImageNet-1k class outside the subset
-    image.save(root / "imagenet" / "train" / "n99999999" / "x.JPEG")
+    Image.new("RGB", (30, 20), (255, 255, 255)).save(root / "imagenet" / "train" / "n99999999" / "x.JPEG")
 
     with pytest.raises(UserError, match="iNaturalist"):
         prepare(tmp_path / "out", "benchmark=imagenet100", f"data.root={root}")
     write_ood_folders(root, ["iNaturalist", "SUN", "Places", "dtd/images"])
     _, layout = prepare(tmp_path / "out", "benchmark=imagenet100", f"data.root={root}")
-    dataset = image_folder(layout.id_train)
-    assert sorted(dataset.targets) == list(range(100))  # one image per subset class, none from n99999999
-    with Image.open(dataset.samples[0][0]) as first:
-        assert first.size == (224, 224)
-    assert len(image_folder(layout.id_test)) == 100
+    for split, folder in [("train", layout.id_train), ("val", layout.id_test)]:
+        images, labels = load_images(folder)
+        assert images.shape == (100, 224, 224, 3) and labels.tolist() == list(range(100))  # none from n99999999
+        expected = np.array([class_colour(index, split) for index in labels], float)
+        assert np.abs(images.reshape(100, -1, 3).mean(1) - expected).max() < 3, split
     assert all(len(image_folder(layout.ood(name))) == 2 for name in ["inaturalist", "sun", "places", "textures"])
 
 
