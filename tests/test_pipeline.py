@@ -11,7 +11,7 @@ import pytest
 from ncis.cli import main
 from ncis.pipeline import STAGES
 
-METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out")  # docs/tracking.md
+METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out")  # docs/contract.md
 
 # Every stage, each cut to seconds; the same keys a user would --set.
 TINY_PIPELINE = [
@@ -128,7 +128,7 @@ def test_ncis_run_goes_from_nothing_to_metrics_and_tracks_every_stage(tmp_path, 
     assert set(children) == set(STAGES)
     assert all(r.info.status == "FINISHED" for r in runs)
     assert children["train-cvpn"].data.params["cvpn.epochs"] == "2"
-    # evaluate's MLflow metrics: exactly docs/tracking.md's names, with metrics.json's values.
+    # evaluate's MLflow metrics: exactly docs/contract.md's names ("MLflow names"), with metrics.json's values.
     logged = children["evaluate"].data.metrics
     wanted = {"id_accuracy": report["id_accuracy"]}
     for name, entry in [*report["ood"].items(), ("average", report["average"])] + [(f"average_{g}", e) for g, e in report["groups"].items()]:
