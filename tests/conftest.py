@@ -148,3 +148,17 @@ def chromium() -> str:
     if path is None:
         pytest.skip("needs Debian's chromium: apt-get install -y chromium (.ci/run does)")
     return path
+
+
+# --- the fast subset (`pytest -m "not slow"`) ----------------------------------------------------
+
+# Fixtures that alone make a test slow: a real `mlflow server` (~10 s to start, far longer on a
+# busy machine) and a trained tiny diffusion model (tens of seconds). A test that uses one, even
+# through another fixture such as `tracking_uri`, is marked slow here, so no file has to remember.
+SLOW_FIXTURES = {"mlflow_server", "trained_digits"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -177,59 +177,148 @@ def write_ood_folders(root: Path, folders: list[str]) -> None:
         Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(root / folder / "sub" / "b.png")
 
 
-def test_cifar100_prepare_on_a_tiny_fake_release(tmp_path, monkeypatch):
-    import scipy.io
-    import torchvision.datasets.cifar
-    import torchvision.datasets.svhn
-
+def write_fake_cifar100(root: Path, train_labels: list[int], test_labels: list[int], seed: int = 0) -> dict[str, np.ndarray]:
+    """CIFAR-100's python version as the release has it: Python 2 era pickles (protocol 2) of
+    dicts holding a uint8 [N, 3072] array (1024 red, 1024 green, 1024 blue values, row-major)."""
     from ncis.datasets.cifar100 import CIFAR100_LABELS
 
-    # The fake files cannot match the real md5 sums torchvision checks.
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    rng, data = np.random.default_rng(seed), {}
+    (root / "cifar-100-python").mkdir(parents=True)
+    for split, labels in [("train", train_labels), ("test", test_labels)]:
+        data[split] = rng.integers(0, 256, (len(labels), 3 * 32 * 32), dtype=np.uint8)
+        entry = {"data": data[split], "fine_labels": list(labels), "coarse_labels": [0] * len(labels)}
+        # numpy 1's name for the array constructor, as the release (pickled long before numpy 2) has it
+        pickled = pickle.dumps(entry, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        (root / "cifar-100-python" / split).write_bytes(pickled)
+    meta = {"fine_label_names": list(CIFAR100_LABELS), "coarse_label_names": ["x"] * 20}
+    (root / "cifar-100-python" / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return data
+
+
+def svhn_pattern(count: int) -> np.ndarray:
+    """SVHN's .mat layout [H, W, C, N], every pixel distinct within its image and no image symmetric:
+    a height/width swap, a channel flip or an image reordering all change the pixels."""
+    h, w, c, n = np.meshgrid(np.arange(32), np.arange(32), np.arange(3), np.arange(count), indexing="ij")
+    return ((h * 32 + w + 85 * c + 37 * n) % 256).astype(np.uint8) ^ (h * 3 % 7).astype(np.uint8)
+
+
+@pytest.fixture
+def fake_release_checks(monkeypatch):
+    """The fake files cannot match the real md5 sums checked before reading."""
+    import torchvision.datasets.svhn
+    import torchvision.datasets.utils
+
+    monkeypatch.setattr(torchvision.datasets.utils, "check_integrity", lambda *args, **kwargs: True)
     monkeypatch.setattr(torchvision.datasets.svhn, "check_integrity", lambda *args, **kwargs: True)
-    root, rng = tmp_path / "datasets", np.random.default_rng(0)
-    cifar = root / "cifar-100-python"
-    cifar.mkdir(parents=True)
-    for split, count in [("train", 6), ("test", 3)]:
-        entry = {"data": rng.integers(0, 256, (count, 3 * 32 * 32), dtype=np.uint8), "fine_labels": [0, 1, 99] * (count // 3)}
-        (cifar / split).write_bytes(pickle.dumps(entry))
-    (cifar / "meta").write_bytes(pickle.dumps({"fine_label_names": list(CIFAR100_LABELS)}))
+
+
+def write_fake_cifar100_benchmark(root: Path, train_labels=(0, 1, 99, 0, 1, 99), test_labels=(5, 0, 5)) -> tuple[dict, np.ndarray]:
+    import scipy.io
+
+    data = write_fake_cifar100(root, list(train_labels), list(test_labels))
+    svhn = svhn_pattern(4)
     (root / "svhn").mkdir()
-    svhn = {"X": rng.integers(0, 256, (32, 32, 3, 4), dtype=np.uint8), "y": np.array([[1], [2], [10], [3]])}
-    scipy.io.savemat(root / "svhn" / "test_32x32.mat", svhn)
+    scipy.io.savemat(root / "svhn" / "test_32x32.mat", {"X": svhn, "y": np.array([[1], [2], [10], [3]])})
     write_ood_folders(root, ["places365", "LSUN", "iSUN", "dtd/images"])
+    return data, svhn
+
+
+def cifar_rows_as_images(rows: np.ndarray) -> np.ndarray:
+    """The CIFAR row format, decoded independently of ncis: channel planes, each 32 rows of 32."""
+    images = np.zeros((len(rows), 32, 32, 3), np.uint8)
+    for n, row in enumerate(rows):
+        for channel in range(3):
+            for y in range(32):
+                images[n, y, :, channel] = row[channel * 1024 + y * 32 : channel * 1024 + (y + 1) * 32]
+    return images
+
+
+def test_cifar100_prepare_on_a_tiny_fake_release(tmp_path, fake_release_checks):
+    root = tmp_path / "datasets"
+    train_labels, test_labels = [0, 1, 99, 0, 1, 99], [5, 0, 5]
+    data, svhn = write_fake_cifar100_benchmark(root, train_labels, test_labels)
 
     _, layout = prepare(tmp_path / "out", "benchmark=cifar100", f"data.root={root}")
-    train_x, train_y = load_images(layout.id_train)
-    assert train_x.shape == (6, 32, 32, 3) and sorted(train_y.tolist()) == [0, 0, 1, 1, 99, 99]
-    assert load_images(layout.id_test)[0].shape == (3, 32, 32, 3)
-    assert load_images(layout.ood("svhn"))[0].shape == (4, 32, 32, 3)
+    for folder, split, labels in [(layout.id_train, "train", train_labels), (layout.id_test, "test", test_labels)]:
+        images, written_labels = load_images(folder)
+        # Written per class in release order: class 0's images first, then class 1's, ...
+        order = np.argsort(labels, kind="stable")
+        assert written_labels.tolist() == np.asarray(labels)[order].tolist()
+        np.testing.assert_array_equal(images, cifar_rows_as_images(data[split])[order])
+    ood_svhn, _ = load_images(layout.ood("svhn"))
+    np.testing.assert_array_equal(ood_svhn, svhn.transpose(3, 0, 1, 2))  # [H, W, C, N] -> [N, H, W, C]
     for name in ["places365", "lsun", "isun", "textures"]:
         assert load_images(layout.ood(name))[0].shape == (2, 32, 32, 3)
     assert not layout.id_train_originals.exists()  # the stored PNGs are CIFAR's originals
 
 
+class RunsCode:
+    """What a crafted pickle does: name a callable (here `exec`) that unpickling calls."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+@pytest.mark.parametrize("where", ["meta", "train", "inside an object array"])
+def test_cifar100_files_run_no_code_they_name(tmp_path, fake_release_checks, where):
+    root, marker = tmp_path / "datasets", tmp_path / "executed"
+    write_fake_cifar100_benchmark(root)
+    file = "train" if where != "meta" else "meta"
+    payload = {"data": RunsCode(marker), "fine_labels": [0]}
+    if where == "inside an object array":
+        payload["data"] = np.array([RunsCode(marker), 0], dtype=object)
+    crafted = pickle.dumps(payload, protocol=2)
+    pickle.loads(crafted)  # the payload is live: plain pickle.load runs it
+    assert marker.exists()
+    marker.unlink()
+
+    (root / "cifar-100-python" / file).write_bytes(crafted)
+    with pytest.raises(UserError, match=rf"cifar-100-python/{file}: not loaded \(refused to load \w+\.exec,"):
+        prepare(tmp_path / "out", "benchmark=cifar100", f"data.root={root}")
+    assert not marker.exists()
+    assert not (tmp_path / "out" / "data").exists()
+
+
+def test_cifar100_files_other_than_the_release_are_refused_by_md5(tmp_path):
+    root = tmp_path / "datasets"
+    write_fake_cifar100_benchmark(root)
+    with pytest.raises(UserError, match=r"cifar-100-python/meta: not the original CIFAR-100 file \(md5 differs\)"):
+        prepare(tmp_path / "out", "benchmark=cifar100", f"data.root={root}")
+
+
+def class_colour(index: int, split: str) -> tuple[int, int, int]:
+    """A solid colour per class index and split, 25 levels apart: JPEG's error (a level or two) cannot blur two apart."""
+    return (index % 10 * 25, index // 10 * 25, 60 if split == "train" else 190)
+
+
 def test_imagenet100_prepare_on_a_tiny_fake_release(tmp_path):
     from ncis.datasets.imagenet100 import CLASSES
 
+    # torchvision's ImageFolder, which the paper's code reads ImageNet-100 with, numbers the
+    # class folders in sorted order: class i is the i-th wnid in sorted order.
+    wnids = sorted(CLASSES)
+    assert list(CLASSES) == wnids and len(set(wnids)) == 100
+    assert get_benchmark("imagenet100").class_names == tuple(CLASSES[w] for w in wnids)
     root = tmp_path / "datasets"
-    image = Image.new("RGB", (30, 20), (200, 10, 10))
     for split in ["train", "val"]:
-        for wnid in CLASSES:
+        for index, wnid in enumerate(wnids):
             (root / "imagenet" / split / wnid).mkdir(parents=True)
-            image.save(root / "imagenet" / split / wnid / f"{wnid}_1.JPEG")
+            Image.new("RGB", (30, 20), class_colour(index, split)).save(root / "imagenet" / split / wnid / f"{wnid}_1.JPEG", quality=95)
     (root / "imagenet" / "train" / "n99999999").mkdir()  # an ImageNet-1k class outside the subset
-    image.save(root / "imagenet" / "train" / "n99999999" / "x.JPEG")
+    Image.new("RGB", (30, 20), (255, 255, 255)).save(root / "imagenet" / "train" / "n99999999" / "x.JPEG")
 
     with pytest.raises(UserError, match="iNaturalist"):
         prepare(tmp_path / "out", "benchmark=imagenet100", f"data.root={root}")
     write_ood_folders(root, ["iNaturalist", "SUN", "Places", "dtd/images"])
     _, layout = prepare(tmp_path / "out", "benchmark=imagenet100", f"data.root={root}")
-    dataset = image_folder(layout.id_train)
-    assert sorted(dataset.targets) == list(range(100))  # one image per subset class, none from n99999999
-    with Image.open(dataset.samples[0][0]) as first:
-        assert first.size == (224, 224)
-    assert len(image_folder(layout.id_test)) == 100
+    for split, folder in [("train", layout.id_train), ("val", layout.id_test)]:
+        images, labels = load_images(folder)
+        assert images.shape == (100, 224, 224, 3) and labels.tolist() == list(range(100))  # none from n99999999
+        expected = np.array([class_colour(index, split) for index in labels], float)
+        assert np.abs(images.reshape(100, -1, 3).mean(1) - expected).max() < 3, split
     assert all(len(image_folder(layout.ood(name))) == 2 for name in ["inaturalist", "sun", "places", "textures"])
 
 

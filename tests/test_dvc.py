@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
+from ncis.config import Params
 from ncis.pipeline import STAGES
-from ncis.config import load_params
 from ncis.layout import Layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,11 +87,20 @@ def _keys(tree: dict, prefix: str = "") -> set[str]:
     return keys
 
 
+def params_schema(model: type[BaseModel] = Params) -> dict:
+    """field -> its sub-schema (a section) or None (a value), from ncis/config.py's models."""
+    tree = {}
+    for name, info in model.model_fields.items():
+        kind = info.annotation
+        tree[name] = params_schema(kind) if isinstance(kind, type) and issubclass(kind, BaseModel) else None
+    return tree
+
+
 @pytest.mark.parametrize("params_file", ["params.yaml", "configs/cifar100.yaml", "configs/imagenet100.yaml"])
 def test_params_exist_and_exclude_placement_keys(params_file):
     """DVC refuses a listed key missing from params.yaml; the configs are copied over it (docs/dvc.md)."""
     in_file = _keys(yaml.safe_load((ROOT / params_file).read_text()))
-    in_model = _keys(load_params(ROOT / "params.yaml").model_dump())
+    in_model = _keys(params_schema())
     for name, stage in dvc_stages().items():
         for key in stage["params"]:
             assert isinstance(key, str), f"{name}: params come from params.yaml only"
@@ -146,6 +156,298 @@ def test_code_deps_are_exactly_the_imported_modules(stage):
     assert not missing, f"{stage}: add to its deps in dvc.yaml: {missing}"
     unused = sorted(d for d in code_deps if not any(under(f, d) for f in files))
     assert not unused, f"{stage}: deps in dvc.yaml it does not import: {unused}"
+
+
+# --------------------------------------------------------------------------- fast: the params each stage reads
+#
+# Follows `params` from each stage's `main(params)` through the ncis code: attribute chains
+# (`params.cvpn.lr`), section aliases (`cfg = params.embed`, then `cfg.steps`), and sections or
+# the whole object passed on to ncis functions (`fit_cvpn(..., config)` binds `config` to
+# `params.cvpn`; `benchmark.prepare_data(params, ...)`, a call on an object, reaches every ncis
+# function of that name). A section used otherwise (`cfg.model_dump()`) is read whole.
+
+PARAMS_SCHEMA = params_schema()
+ParamsPath = tuple  # ("embed", "steps"); () is the whole params object
+
+
+def _schema_at(path: ParamsPath) -> dict | None:
+    """The section at `path` (a dict of its fields), or None for a single value."""
+    node = PARAMS_SCHEMA
+    for part in path:
+        node = node[part]
+    return node
+
+
+def _params_path(node: ast.expr, env: dict[str, ParamsPath]) -> ParamsPath | None:
+    """The params path an expression stands for: `cfg.steps` with cfg bound to ('embed',) -> ('embed', 'steps')."""
+    if isinstance(node, ast.Name):
+        return env.get(node.id)
+    if isinstance(node, ast.Attribute):
+        base = _params_path(node.value, env)
+        fields = _schema_at(base) if base is not None else None
+        if fields is not None and node.attr in fields:
+            return (*base, node.attr)
+    return None
+
+
+class _Module:
+    def __init__(self, name: str, source: str):
+        self.name, self.tree = name, ast.parse(source)
+        self.defs = {n.name: n for n in self.tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        self.imports: dict[str, str] = {}  # local name -> qualified ncis name (function-level imports too)
+        for node in ast.walk(self.tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "ncis":
+                self.imports.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
+            elif isinstance(node, ast.Import):
+                self.imports.update({a.asname: a.name for a in node.names if a.asname and a.name.split(".")[0] == "ncis"})
+
+
+class ParamsReads:
+    """The params keys code under `root` reads, starting from a stage module's `main(params)`.
+
+    `keys`: dotted paths; a section's path means the whole section. `lost`: places where the
+    whole params object goes somewhere this analysis cannot follow (the test must then learn it).
+    """
+
+    def __init__(self, root: Path, stage_module: str):
+        self.root, self.keys, self.lost = root, set(), []
+        self._modules: dict[str, _Module | None] = {}
+        self._done: set = set()
+        module = self._module(stage_module)
+        main = module.defs["main"]
+        self._function(module, main, {main.args.args[0].arg: ()})
+
+    def _module(self, name: str) -> _Module | None:
+        if name not in self._modules:
+            base = self.root / name.replace(".", "/")
+            source = next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+            self._modules[name] = _Module(name, source.read_text()) if source else None
+        return self._modules[name]
+
+    def _lookup(self, qualified: str, hops: int = 0):
+        """'ncis.x.f' -> a _Module, (module, def) or None; follows re-exports (`from ncis.datasets import data_root`)."""
+        if self._module(qualified) is not None:
+            return self._module(qualified)
+        owner_name, _, name = qualified.rpartition(".")
+        owner = self._module(owner_name) if owner_name else None
+        if owner is None or hops > 5:
+            return None
+        if name in owner.defs:
+            return owner, owner.defs[name]
+        return self._lookup(owner.imports[name], hops + 1) if name in owner.imports else None
+
+    def _all_named(self, name: str) -> list:
+        """Every ncis function or method called `name`: where a call on an object may go."""
+        found = []
+        for path in sorted((self.root / "ncis").rglob("*.py")):
+            parts = path.relative_to(self.root).with_suffix("").parts
+            module = self._module(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+            for node in module.tree.body:
+                if isinstance(node, ast.FunctionDef) and node.name == name:
+                    found.append((module, node, 0))
+                elif isinstance(node, ast.ClassDef):
+                    found += [(module, m, 1) for m in node.body if isinstance(m, ast.FunctionDef) and m.name == name]
+        return found
+
+    def _callees(self, module: _Module, func: ast.expr) -> list:
+        """(module, function, implicit leading arguments) that a call may run; [] = no ncis code."""
+        target = None
+        if isinstance(func, ast.Name):
+            target = (module, module.defs[func.id]) if func.id in module.defs else None
+            if target is None and func.id in module.imports:
+                target = self._lookup(module.imports[func.id])
+        elif isinstance(func, ast.Attribute):
+            owner = self._named_module(module, func.value)
+            if owner is None:
+                return self._all_named(func.attr)
+            target = self._lookup(f"{owner.name}.{func.attr}")
+        if not isinstance(target, tuple):
+            return []
+        owner, node = target
+        if isinstance(node, ast.ClassDef):
+            return [(owner, m, 1) for m in node.body if isinstance(m, ast.FunctionDef) and m.name == "__init__"]
+        return [(owner, node, 0)]
+
+    def _named_module(self, module: _Module, node: ast.expr) -> _Module | None:
+        """The ncis module an expression names (`helpers`, `helpers.impl`), else None."""
+        found = None
+        if isinstance(node, ast.Name) and node.id in module.imports:
+            found = self._lookup(module.imports[node.id])
+        elif isinstance(node, ast.Attribute) and (owner := self._named_module(module, node.value)) is not None:
+            found = self._lookup(f"{owner.name}.{node.attr}")
+        return found if isinstance(found, _Module) else None
+
+    def _function(self, module: _Module, func: ast.FunctionDef, bound: dict[str, ParamsPath]) -> None:
+        key = (module.name, func.lineno, tuple(sorted(bound.items())))
+        if key in self._done:
+            return
+        self._done.add(key)
+        env, changed = dict(bound), True
+        while changed:  # aliases, wherever they are assigned in the function
+            changed = False
+            for node in ast.walk(func):
+                if isinstance(node, ast.Assign) and (path := _params_path(node.value, env)) is not None:
+                    for target in node.targets:
+                        if isinstance(target, ast.Name) and env.get(target.id) != path:
+                            env[target.id], changed = path, True
+        parents = {child: node for node in ast.walk(func) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(func):
+            if not isinstance(node, (ast.Name, ast.Attribute)) or isinstance(node.ctx, ast.Store):
+                continue
+            path, parent = _params_path(node, env), parents.get(node)
+            if path is None or (isinstance(parent, ast.Attribute) and _params_path(parent, env) is not None):
+                continue  # not params, or the inside of a longer chain
+            where = f"{module.name}:{node.lineno}"
+            if _schema_at(path) is None:
+                self.keys.add(".".join(path))  # one value: read here, whatever happens to it next
+            elif isinstance(parent, ast.keyword) and parent.arg is not None:
+                self._call(module, parents[parent], path, where, keyword=parent.arg)
+            elif isinstance(parent, ast.Call) and node in parent.args:
+                self._call(module, parent, path, where, position=parent.args.index(node))
+            elif not (isinstance(parent, ast.Assign) and all(isinstance(t, ast.Name) for t in parent.targets)):
+                self._whole(path, where)  # an alias assignment is followed through env instead
+
+    def _call(self, module, call: ast.Call, path: ParamsPath, where: str, position=None, keyword=None) -> None:
+        callees = self._callees(module, call.func)
+        if not callees:
+            self._whole(path, where)
+        for owner, func, implicit in callees:
+            positional = [a.arg for a in func.args.posonlyargs + func.args.args][implicit:]
+            name = keyword if keyword is not None else (positional[position] if position < len(positional) else None)
+            if name in [a.arg for a in func.args.posonlyargs + func.args.args + func.args.kwonlyargs]:
+                self._function(owner, func, {name: path})
+            else:
+                self._whole(path, where)
+
+    def _whole(self, path: ParamsPath, where: str) -> None:
+        if path:
+            self.keys.add(".".join(path))
+        else:
+            self.lost.append(f"{where}: the params object goes where this test cannot follow it")
+
+
+def _covers(listed: str, read: str) -> bool:
+    """A listed section covers its keys."""
+    return read == listed or read.startswith(listed + ".")
+
+
+def _leaf_keys(path: str) -> set[str]:
+    node = _schema_at(tuple(path.split(".")))
+    return {path} if node is None else {k for field in node for k in _leaf_keys(f"{path}.{field}")}
+
+
+def test_params_reads_follow_aliases_calls_and_dispatch(tmp_path):
+    """The analysis itself, on a made-up package: each way of reaching a key is seen, and no more."""
+    (tmp_path / "ncis" / "sub").mkdir(parents=True)
+    (tmp_path / "ncis" / "__init__.py").write_text("")
+    (tmp_path / "ncis" / "sub" / "__init__.py").write_text("from ncis.sub.impl import fit\n")
+    (tmp_path / "ncis" / "sub" / "impl.py").write_text(
+        "def fit(config, seed):\n    return config.lr * seed\n"
+        "class Trainer:\n    def __init__(self, settings):\n        self.k = settings.knn_k\n"
+        "def prepare_data(params, layout):\n    return params.data.root\n"
+        "def never_called(params):\n    return params.classifier.lr\n"
+    )
+    (tmp_path / "ncis" / "stage.py").write_text(
+        "from ncis import sub as helpers\nfrom ncis.sub import fit\n"
+        "def main(params):\n"
+        "    cfg = params.embed\n    print(cfg.steps)\n"             # an alias
+        "    fit(params.cvpn, seed=params.seed)\n"                      # a section passed, a value by keyword
+        "    helpers.impl.Trainer(params.sample)\n"                     # a class: its __init__
+        "    benchmark.prepare_data(params, None)\n"                    # a call on an object: by name
+        "    record(params.evaluate.model_dump())\n"                   # a section used whole
+        "    unknown(params)\n"                                         # lost
+    )
+    reads = ParamsReads(tmp_path, "ncis.stage")
+    assert reads.keys == {"embed.steps", "cvpn.lr", "seed", "sample.knn_k", "data.root", "evaluate"}
+    assert len(reads.lost) == 1 and "ncis.stage:10" in reads.lost[0]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_params_are_exactly_the_keys_the_stage_reads(stage):
+    """A key a stage reads but dvc.yaml does not list would not rerun it; one listed but unread reruns it for nothing."""
+    reads = ParamsReads(ROOT, STAGES[stage][0])
+    assert not reads.lost, f"{stage}: teach this test where params goes: {reads.lost}"
+    read = {key for key in reads.keys if key.split(".")[0] not in NOT_RESULT_PARAMS}
+    listed = dvc_stages()[stage]["params"]
+    missing = sorted(key for key in read if not any(_covers(entry, key) for entry in listed))
+    assert not missing, f"{stage}: add to its params in dvc.yaml: {missing}"
+    read_leaves = set().union(*(_leaf_keys(key) for key in read))
+    unread = sorted(leaf for entry in listed for leaf in _leaf_keys(entry) if leaf not in read_leaves)
+    assert not unread, f"{stage}: params in dvc.yaml it never reads (list single keys instead of the section): {unread}"
+
+
+# --------------------------------------------------------------------------- fast: the real benchmarks' dvc.yaml
+
+EDIT = re.compile(r"#\s*real benchmarks:\s*(uncomment|delete)\b")
+
+
+def real_benchmark_dvc_yaml(text: str) -> str:
+    """dvc.yaml after the edits it marks "real benchmarks" (docs/dvc.md, "Another benchmark"):
+    the line under each `# real benchmarks: uncomment ...` loses its `# `, the line under each
+    `# real benchmarks: delete ...` goes."""
+    lines, edit = [], None
+    for line in text.splitlines(keepends=True):
+        if edit == "delete":
+            edit = None
+            continue
+        if edit == "uncomment":
+            uncommented = re.sub(r"^(\s*)#\s?", r"\1", line)
+            assert uncommented != line, f"nothing to uncomment under the marker: {line!r}"
+            line, edit = uncommented, None
+        found = EDIT.search(line)
+        edit = found.group(1) if found else None
+        lines.append(line)
+    return "".join(lines)
+
+
+def test_real_benchmark_edits_make_the_datasets_an_input_of_prepare_and_drop_the_tiny_model():
+    edited = yaml.safe_load(real_benchmark_dvc_yaml((ROOT / "dvc.yaml").read_text()))["stages"]
+    assert list(edited) == list(STAGES)
+    assert "${data.root}" in paths(edited["prepare"]["deps"])
+    tiny_model = str(Layout(Path(OUT)).tiny_diffusion)
+    assert tiny_model in paths(dvc_stages()["prepare"]["outs"])  # digits: prepare trains it
+    for name, stage in edited.items():
+        for kind in ("deps", "outs"):
+            assert tiny_model not in paths(stage.get(kind)), f"{name}: {tiny_model} is digits-only"
+    produced: list[str] = []
+    for name, stage in edited.items():  # still a pipeline whose inputs come from earlier stages
+        for dep in paths(stage["deps"]):
+            if dep.startswith(OUT):
+                assert any(under(dep, out) for out in produced), f"{name}: {dep} is no earlier stage's output"
+        produced += paths(stage.get("outs")) + paths(stage.get("metrics")) + paths(stage.get("plots"))
+    # Only those lines change: every other stage entry is as written for digits.
+    digits = dvc_stages()
+    for name in STAGES:
+        for key in set(digits[name]) | set(edited[name]):
+            if key not in ("deps", "outs"):
+                assert edited[name][key] == digits[name][key], (name, key)
+
+
+@pytest.mark.parametrize("config", ["params.yaml", "configs/cifar100.yaml", "configs/imagenet100.yaml"])
+def test_dvc_resolves_each_benchmarks_pipeline(config, tmp_path, monkeypatch):
+    """As docs/dvc.md says: the config copied over params.yaml and, for a real benchmark, dvc.yaml
+    edited; DVC itself then resolves `${data.root}` to the benchmark's data folder."""
+    from dvc.repo import Repo as DvcRepo
+
+    for variable, folder in [("DVC_SITE_CACHE_DIR", "site"), ("DVC_GLOBAL_CONFIG_DIR", "global"), ("DVC_SYSTEM_CONFIG_DIR", "system")]:
+        monkeypatch.setenv(variable, str(tmp_path / "dvc-home" / folder))
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy2(ROOT / config, project / "params.yaml")
+    root = yaml.safe_load((ROOT / config).read_text())["data"].get("root")
+    text = (ROOT / "dvc.yaml").read_text()
+    (project / "dvc.yaml").write_text(real_benchmark_dvc_yaml(text) if root else text)
+    DvcRepo.init(str(project), no_scm=True)
+    with DvcRepo(str(project)) as repo:
+        stages = {stage.name: stage for stage in repo.index.stages}
+        prepare_deps = {str(dep.def_path) for dep in stages["prepare"].deps}
+        prepare_outs = {str(out.def_path) for out in stages["prepare"].outs}
+    assert list(stages) == list(STAGES)
+    if root:
+        assert root in prepare_deps and "outputs/diffusion" not in prepare_outs
+    else:  # digits: its data is generated, its tiny model trained by prepare
+        assert all(dep.startswith("ncis/") for dep in prepare_deps - {"params.yaml"}) and "outputs/diffusion" in prepare_outs
 
 
 # --------------------------------------------------------------------------- slow: the real dvc CLI

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ncis.cli import main
 from ncis.pipeline import STAGES
+
+METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out")  # docs/contract.md
 
 # Every stage, each cut to seconds; the same keys a user would --set.
 TINY_PIPELINE = [
@@ -35,16 +39,85 @@ def _cli_args(tmp_path, *more):
     return args
 
 
+def recomputed_metrics(outputs: Path, batch_size: int) -> dict:
+    """metrics.json's numbers recomputed from the saved classifier and data, without ncis's scores
+    or metrics: energy = logsumexp of the logits (higher = more ID), metrics from scikit-learn."""
+    import torch
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+    from torchvision.transforms.functional import to_tensor
+
+    from ncis.classifiers import load_classifier
+    from ncis.datasets import get_benchmark, load_images
+
+    model, _ = load_classifier(outputs / "classifier")
+
+    def logits(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = load_images(folder, channels=1)
+        # Stacked [C, H, W] tensors, as a DataLoader batches them: the same memory layout, so the
+        # same convolution kernels and the very same floats as ncis's scores.
+        pixels = torch.stack([to_tensor(image) for image in images])
+        with torch.no_grad():  # and in ncis's batches
+            return torch.cat([model(batch) for batch in pixels.split(batch_size)]).numpy(), labels
+
+    def metrics(id_scores: np.ndarray, ood_scores: np.ndarray) -> dict:
+        labels = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
+        scores = np.r_[id_scores, ood_scores]
+        fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+        return {
+            "fpr95": float(fpr[np.argmax(tpr >= 0.95)]),  # the lowest FPR that keeps 95% of ID accepted
+            "auroc": roc_auc_score(labels, scores),
+            "aupr_in": average_precision_score(labels, scores),
+            "aupr_out": average_precision_score(1 - labels, -scores),
+        }
+
+    def energy(values: np.ndarray) -> np.ndarray:
+        return torch.logsumexp(torch.from_numpy(values), dim=1).numpy()  # float32, as ncis: its near-ties stay ties
+
+    id_logits, id_labels = logits(outputs / "data" / "test")
+    ood = {name: metrics(energy(id_logits), energy(logits(outputs / "data" / "ood" / name)[0])) for name in get_benchmark("digits").ood_sets}
+    return {"id_accuracy": float(np.mean(id_logits.argmax(1) == id_labels)), "ood": ood}
+
+
+def mean_of(entries: list[dict]) -> dict:
+    return {metric: float(np.mean([entry[metric] for entry in entries])) for metric in METRICS}
+
+
+def assert_metrics_recompute(outputs: Path, report: dict, batch_size: int) -> None:
+    """Every number in metrics.json, recomputed from what the stages saved."""
+    from sklearn.metrics import auc
+
+    expected = recomputed_metrics(outputs, batch_size)
+    assert list(report["ood"]) == ["letters", "photos", "textures", "noise"]
+    assert report["id_accuracy"] == pytest.approx(expected["id_accuracy"], abs=1e-12)
+    for name, entry in report["ood"].items():
+        assert entry["group"] == ("near" if name == "letters" else "far")
+        for metric in METRICS:
+            assert entry[metric] == pytest.approx(expected["ood"][name][metric], abs=1e-6), (name, metric)
+    assert report["average"] == pytest.approx(mean_of(list(expected["ood"].values())), abs=1e-6)
+    assert report["groups"] == {
+        "near": pytest.approx(expected["ood"]["letters"], abs=1e-6),
+        "far": pytest.approx(mean_of([expected["ood"][name] for name in ["photos", "textures", "noise"]]), abs=1e-6),
+    }
+    # The ROC data `dvc plots` shows: each set's curve has that set's AUROC.
+    rows = [line.split(",") for line in (outputs / "plots" / "roc.csv").read_text().splitlines()]
+    assert rows[0] == ["set", "fpr", "tpr"]
+    for name, entry in report["ood"].items():
+        fpr, tpr = np.array([[float(f), float(t)] for s, f, t in rows[1:] if s == name]).T
+        assert auc(fpr, tpr) == pytest.approx(entry["auroc"], abs=1e-5), name
+
+
 @pytest.mark.slow
 def test_ncis_run_goes_from_nothing_to_metrics_and_tracks_every_stage(tmp_path, tracking_uri):
     from mlflow.tracking import MlflowClient
 
+    from ncis.config import load_params
+
     assert main(_cli_args(tmp_path)) == 0
-    metrics = json.loads((tmp_path / "outputs" / "metrics.json").read_text())
-    assert metrics["benchmark"] == "digits" and metrics["score"] == "energy"
-    assert set(metrics["ood"]) == {"letters", "photos", "textures", "noise"}
-    for values in [*metrics["ood"].values(), metrics["average"]]:
-        assert all(0 <= values[k] <= 1 for k in ("fpr95", "auroc", "aupr_in", "aupr_out"))
+    outputs = tmp_path / "outputs"
+    report = json.loads((outputs / "metrics.json").read_text())
+    assert report["benchmark"] == "digits" and report["score"] == "energy"
+
+    assert_metrics_recompute(outputs, report, load_params().evaluate.batch_size)
 
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("digits")
@@ -55,10 +128,12 @@ def test_ncis_run_goes_from_nothing_to_metrics_and_tracks_every_stage(tmp_path, 
     assert set(children) == set(STAGES)
     assert all(r.info.status == "FINISHED" for r in runs)
     assert children["train-cvpn"].data.params["cvpn.epochs"] == "2"
-    evaluated = children["evaluate"].data.metrics
-    assert evaluated["fpr95/average"] == pytest.approx(metrics["average"]["fpr95"])
-    assert evaluated["auroc/letters"] == pytest.approx(metrics["ood"]["letters"]["auroc"])
-    assert "id_accuracy" in evaluated
+    # evaluate's MLflow metrics: exactly docs/contract.md's names ("MLflow names"), with metrics.json's values.
+    logged = children["evaluate"].data.metrics
+    wanted = {"id_accuracy": report["id_accuracy"]}
+    for name, entry in [*report["ood"].items(), ("average", report["average"])] + [(f"average_{g}", e) for g, e in report["groups"].items()]:
+        wanted.update({f"{metric}/{name}": entry[metric] for metric in METRICS})
+    assert logged == pytest.approx(wanted, abs=1e-12)
     assert "diffusion/train_loss" in children["prepare"].data.metrics
     artifacts = {a.path for a in client.list_artifacts(children["synthesize"].info.run_id)}
     assert "preview.png" in artifacts
