@@ -15,7 +15,7 @@ import torch
 from sklearn.decomposition import PCA
 from torch import nn
 
-from ncis.io import load_weights
+from ncis.io import load_state, load_weights
 
 
 # The config keys that rebuild a CVPN (the constructor's arguments, less the mean held in the weights).
@@ -140,9 +140,9 @@ class CVPN(nn.Module):
 
 def load_cvpn(folder: str | Path) -> CVPN:
     """Rebuild a cVPN saved by `train-cvpn` (safetensors + config.json), in eval mode on the CPU."""
-    weights, config = load_weights(folder)
+    weights, config = load_weights(folder, required=ARCHITECTURE_KEYS)
     model = CVPN(**{key: config[key] for key in ARCHITECTURE_KEYS})
-    model.load_state_dict(weights)  # also restores the centering mean
+    load_state(model, weights, Path(folder) / "model.safetensors")  # also restores the centering mean
     return model.eval()
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -38,7 +38,7 @@ from ncis.classifiers import (
 )
 from ncis.datasets import get_benchmark
 from ncis.errors import UserError
-from ncis.io import atomic_path, files_signature, save_weights
+from ncis.io import atomic_path, files_signature, read_json, read_safetensors, save_weights
 from ncis.layout import layout_for
 from ncis.metrics import auroc
 from ncis.runtime import resolve_device, seed_everything, single_cpu_thread
@@ -200,8 +200,8 @@ def save_checkpoint(folder: Path, epoch: int, model, head, optimizer, scheduler,
 
 
 def load_checkpoint(path: Path, model, head, optimizer, scheduler, device: torch.device) -> dict:
-    tensors = load_file(str(path / "state.safetensors"), device=str(device))
-    meta = json.loads((path / "state.json").read_text())
+    tensors = read_safetensors(path / "state.safetensors", device=str(device))
+    meta = read_json(path / "state.json")
     model.load_state_dict({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("model/")})
     head.load_state_dict({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("head/")})
     state: dict[int, dict] = {}
@@ -222,7 +222,7 @@ def resume(folder: Path, fingerprint: dict, epochs: int, model, head, optimizer,
     if not found:
         return 0, {}
     epoch, path = found[-1]
-    meta = json.loads((path / "state.json").read_text())
+    meta = read_json(path / "state.json")
     if meta.get("fingerprint") != fingerprint or epoch > epochs:
         why = "other settings or data" if meta.get("fingerprint") != fingerprint else f"{epoch} > {epochs} epochs"
         print(f"train-classifier: {folder} holds checkpoints of another run ({why}); starting from scratch")
