@@ -8,8 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ncis.errors import UserError
+from ncis.errors import UserError, one_line, unexpected
+from ncis.lock import exclusive_outputs
 from ncis.pipeline import STAGES
+from ncis.signals import exit_code, interrupted_message, stop_signals_interrupt
+
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default=None, metavar="FILE", help="parameter file (default: params.yaml)")
@@ -22,6 +25,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="override one parameter, e.g. --set cvpn.lr=1e-3 (repeatable)",
     )
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (same as --set tracking.enabled=false)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="table of FPR95 / AUROC / ID accuracy of tracked runs")
     compare.add_argument("--experiment", default="digits", help="MLflow experiment (= benchmark name)")
     compare.add_argument("--runs", nargs="*", default=None, metavar="RUN_ID", help="run ids (default: latest per parameter set)")
+    compare.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
 
@@ -61,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    restore_signals = stop_signals_interrupt()  # SIGTERM/SIGHUP stop a run like Ctrl-C
     try:
         if args.command == "compare":
             from ncis.tracking import compare
@@ -73,17 +79,28 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, overrides)
         from ncis.pipeline import run_pipeline, run_stage
 
-        if args.command == "run":
-            run_pipeline(params)
-        else:
-            run_stage(args.command, params)
+        # One process per outputs folder; what a killed one left half-written is swept first.
+        with exclusive_outputs(params.outputs, command="ncis " + " ".join(sys.argv[1:] if argv is None else argv)):
+            if args.command == "run":
+                run_pipeline(params)
+            else:
+                run_stage(args.command, params)
         return 0
     except UserError as err:
-        print(f"ncis: error: {err}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"ncis: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ncis: interrupted; finished work is kept and the stage resumes where it can", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        print(interrupted_message(err), file=sys.stderr)
+        return exit_code(err)
+    except Exception as err:
+        if args.debug:
+            raise
+        print(f"ncis: error: {unexpected(err)}", file=sys.stderr)
+        return 1
+    finally:
+        restore_signals()
 
 
 if __name__ == "__main__":
