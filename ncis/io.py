@@ -76,7 +76,9 @@ def write_failure(err: BaseException, target: str | Path) -> UserError | None:
             code = int(str(err).rsplit("(os error ", 1)[1].split(")")[0])
     if code not in WRITE_FIXES:
         return None
-    where = f" ({err.filename})" if getattr(err, "filename", None) and str(err.filename) != str(target) else ""
+    filename = str(getattr(err, "filename", None) or "")
+    # The file that failed, unless it is the target or one of atomic_path's temporaries.
+    where = f" ({filename})" if filename and filename != str(target) and TMP_MARK not in filename else ""
     return UserError(f"cannot write {target}: {os.strerror(code)}{where}; {WRITE_FIXES[code]}")
 
 
@@ -194,10 +196,17 @@ _WRITERS = {
 }
 
 
+# Folders of resume state: a rerun reuses what is there, so a bad file must go first.
+_RESUME_STATE = {"chunks", "classifier_checkpoints"}
+
+
 def rewrite_hint(path: str | Path) -> str:
     """How to get a good copy of `path`: the stage that writes it, judged by its outputs folder."""
-    for part in reversed(Path(path).parts[:-1]):
+    parts = Path(path).parts[:-1]
+    for part in reversed(parts):
         if part in _WRITERS:
+            if _RESUME_STATE & set(parts):
+                return f"delete it and rerun `ncis {_WRITERS[part]}`, which resumes without it"
             return f"rerun `ncis {_WRITERS[part]}` to rewrite it"
     return "replace it with a good copy"
 

@@ -103,13 +103,22 @@ def _running(params, stage: str | None, **start_kwargs) -> Iterator[Any]:
     start_kwargs["tags"] = {STAGE_TAG: stage or PIPELINE, **_provenance_tags(stage)}
     if start_kwargs.get("nested"):
         start_kwargs.setdefault("experiment_id", mlflow.active_run().info.experiment_id)
-    with mlflow.start_run(**start_kwargs) as run:  # its __exit__ marks FAILED on an exception
+    run = mlflow.start_run(**start_kwargs)
+    _logging_lost.clear()
+    status = RunStatus.FAILED
+    try:
+        _log_params(run, params.flat())
+        yield run
+        status = RunStatus.FINISHED
+    except KeyboardInterrupt:
+        status = RunStatus.KILLED
+        raise
+    finally:
+        # Best effort: a server lost meanwhile must not turn a finished stage into a failed one.
         try:
-            _log_params(run, params.flat())
-            yield run
-        except KeyboardInterrupt:
-            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-            raise
+            mlflow.end_run(RunStatus.to_string(status))
+        except Exception as err:
+            _report_lost(err)
 
 
 def _experiment_id(name: str) -> str:
@@ -237,6 +246,39 @@ def _active():
     return mlflow.active_run() if mlflow else None
 
 
+_logging_lost: list[str] = []  # the first failed logging call of the current run, if any
+
+
+def _report_lost(err: Exception) -> None:
+    if not _logging_lost:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        _logging_lost.append(reason)
+        print(
+            f"ncis: warning: MLflow logging failed ({type(err).__name__}: {reason}); the stage goes on and writes "
+            "its outputs, but its MLflow run stays incomplete",
+            file=sys.stderr,
+        )
+
+
+def _best_effort(log):
+    """Logging never costs work: once a call fails (server gone, its disk full) the failure is
+    reported in one line and the run's later calls are skipped, each of which would wait out
+    MLflow's retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES) again."""
+
+    @functools.wraps(log)
+    def logged(*args, **kwargs):
+        if _logging_lost:
+            return None
+        try:
+            return log(*args, **kwargs)
+        except Exception as err:
+            _report_lost(err)
+            return None
+
+    return logged
+
+
+@_best_effort
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
     """Log numeric metrics to the active run, if any; None values (not computed) are skipped."""
     if _active() is None:
@@ -246,6 +288,7 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
 
 
+@_best_effort
 def log_artifact(path, artifact_path: str | None = None) -> None:
     """Log a file, or a folder as a folder of the same name (unless `artifact_path` says otherwise)."""
     if _active() is None:
@@ -264,6 +307,7 @@ def log_weights(folder, artifact_path: str | None = None) -> None:
     log_artifact(folder, artifact_path)
 
 
+@_best_effort
 def set_tags(tags: Mapping[str, Any]) -> None:
     if _active() is None:
         return
@@ -285,6 +329,7 @@ def log_evaluation(report: Mapping[str, Any]) -> None:
     log_metrics(evaluation_metrics(report))
 
 
+@_best_effort
 def log_classifier_model(model, example_images, name: str = "classifier", **log_model_kwargs):
     """Log a classifier as an MLflow pytorch model: `mlflow.pytorch.load_model(uri)(images)` gives logits.
 

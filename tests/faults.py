@@ -81,10 +81,10 @@ class Child:
         deadline = time.monotonic() + timeout
         while not re.search(pattern, self.output):
             if self.process.poll() is not None:
-                raise AssertionError(f"ended ({self.process.returncode}) before {pattern!r}:\n{self.output[-3000:]}")
+                raise AssertionError(f"ended ({self.process.returncode}) before {pattern!r}:\n{readable(self.output)}")
             if time.monotonic() > deadline:
                 self.kill()
-                raise AssertionError(f"no {pattern!r} after {timeout} s:\n{self.output[-3000:]}")
+                raise AssertionError(f"no {pattern!r} after {timeout} s:\n{readable(self.output)}")
             time.sleep(0.1)
 
     def signal(self, signum: int) -> bool:
@@ -99,7 +99,7 @@ class Child:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"still running after {timeout} s:\n{self.output[-3000:]}") from None
+            raise AssertionError(f"still running after {timeout} s:\n{readable(self.output)}") from None
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -113,15 +113,26 @@ def run_ncis(args: list[str], cwd: Path, timeout: float = 600, **kwargs) -> tupl
     return code, child.output
 
 
+def readable(output: str, chars: int = 3000) -> str:
+    """The end of `output` with each progress bar reduced to its last state."""
+    lines = [line.rsplit("\r", 1)[-1] for line in output.split("\n")]
+    return "\n".join(lines)[-chars:]
+
+
+def ncis_lines(output: str, kind: str = "") -> list[str]:
+    """The `ncis: <kind>...` messages in `output`, also where one follows a progress bar on its line."""
+    return re.findall(rf"ncis: {kind}[^\r\n]*", output)
+
+
 def error_lines(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("ncis: error:")]
+    return ncis_lines(output, "error:")
 
 
 def assert_one_line_error(output: str, *fragments: str) -> str:
     """Exactly one `ncis: error:` line, holding every fragment, and no traceback."""
-    assert "Traceback" not in output, output[-3000:]
+    assert "Traceback" not in output, readable(output)
     lines = error_lines(output)
-    assert len(lines) == 1, output[-3000:]
+    assert len(lines) == 1, readable(output)
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]

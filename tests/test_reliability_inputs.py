@@ -331,3 +331,19 @@ def test_the_payload_runs_when_unpickled(tmp_path, marker):
     marker.unlink()
     torch.load(write_payload(tmp_path / "payload.ckpt", marker, torch_format=True), weights_only=False)
     assert marker.exists()
+
+
+def test_a_corrupt_resume_chunk_is_named_and_deleting_it_resumes(ncis, layout, untrained_pipeline_dir):
+    """Resume state is reused as it is: the fix for a bad chunk is to delete it, not to rerun."""
+    write_digit_folder(layout.id_train, per_class=2)
+    embed = ("embed", f"diffusion.model={untrained_pipeline_dir}", "embed.image_limit=0", "embed.chunk_size=8", "embed.batch_size=8")
+    assert ncis(*embed)[0] == 0
+    expected = load_arrays(layout.embeddings)
+    chunk = layout.embed_dir / "chunks" / "00000008.npz"
+    truncate(chunk)
+    code, output = ncis(*embed)
+    assert code == 2
+    assert_one_line_error(output, str(chunk), "truncated or corrupt", "delete it and rerun `ncis embed`")
+    chunk.unlink()
+    assert ncis(*embed)[0] == 0
+    np.testing.assert_array_equal(load_arrays(layout.embeddings)["embeddings"], expected["embeddings"])

@@ -25,6 +25,7 @@ from faults import (
     debris,
     digests,
     limit_file_size,
+    readable,
     run_ncis,
     sets,
     without_root_privileges,
@@ -145,7 +146,7 @@ def test_two_ncis_processes_on_one_outputs_folder(tmp_path):
     first.wait()
     assert (outputs / LOCK_NAME).exists()
     code, output = run_ncis(stage_args("prepare", outputs), tmp_path)
-    assert code == 0, output[-3000:]
+    assert code == 0, readable(output)
     assert (outputs / "diffusion" / "model_index.json").exists() and debris(outputs) == []
 
 
@@ -191,7 +192,7 @@ def test_a_full_disk_mid_stage_keeps_the_previous_output(cvpn_outputs, tmp_path)
             handle.write(b"\0" * (free - 12_288))
         before = digests(outputs)
         code, output = run_ncis(stage_args("train-cvpn", outputs, "seed=1"), tmp_path)
-        assert code == 2, output[-3000:]
+        assert code == 2, readable(output)
         assert_one_line_error(output, f"cannot write {Layout(outputs).cvpn}: No space left on device", "free disk space")
         assert digests(outputs) == before and debris(outputs) == []
     finally:
@@ -211,7 +212,7 @@ def test_unwritable_folders_give_one_line_and_change_nothing(cvpn_outputs, tmp_p
         code, output = run_ncis(stage_args("sample", cvpn_outputs), tmp_path, prefix=prefix)
     finally:
         cvpn_outputs.chmod(0o755)
-    assert code == 2, output[-3000:]
+    assert code == 2, readable(output)
     assert_one_line_error(output, f"cannot write {cvpn_outputs}: Permission denied", "writable")
     # One stage's folder: its output cannot be written; the inputs and the earlier stages' stay.
     layout.outliers.parent.mkdir()
@@ -220,6 +221,6 @@ def test_unwritable_folders_give_one_line_and_change_nothing(cvpn_outputs, tmp_p
         code, output = run_ncis(stage_args("sample", cvpn_outputs), tmp_path, prefix=prefix)
     finally:
         layout.outliers.parent.chmod(0o755)
-    assert code == 2, output[-3000:]
+    assert code == 2, readable(output)
     assert_one_line_error(output, f"cannot write {layout.outliers}: Permission denied")
     assert digests(cvpn_outputs) == before and not layout.outliers.exists() and debris(cvpn_outputs) == []
