@@ -50,7 +50,7 @@ STAGES = {
     "train-classifier": (["classifier"], ["classifier_checkpoints"], r"epoch (\d+)/(\d+):"),
 }
 # Resume bookkeeping that differs between identical runs: it records input files' modification times.
-VOLATILE = re.compile(r"embed/chunks/fingerprint\.txt|classifier_checkpoints/epoch_\d+/state\.json")
+VOLATILE = re.compile(r".*/(fingerprint|work-key)\.txt|classifier_checkpoints/epoch_\d+/state\.json")
 
 
 @pytest.fixture(scope="module")
