@@ -22,7 +22,7 @@ from torchvision.transforms import InterpolationMode
 from ncis import registry
 from ncis.datasets import Benchmark, NumericImageFolder, image_folder
 from ncis.errors import UserError
-from ncis.io import load_weights
+from ncis.io import load_state, load_weights
 
 class Classifier(nn.Module):
     """normalise -> backbone (penultimate features) -> linear layer (logits)."""
@@ -148,9 +148,9 @@ def load_classifier(folder: str | Path) -> tuple[Classifier, dict]:
     folder = Path(folder)
     if not (folder / "model.safetensors").exists():
         raise UserError(f"{folder} holds no classifier; run `ncis train-classifier` first")
-    state, config = load_weights(folder)
+    state, config = load_weights(folder, required=("arch", "num_classes", "channels", "mean", "std"))
     model = build_classifier(config["arch"], config["num_classes"], config["channels"], config["mean"], config["std"])
-    model.load_state_dict(state)
+    load_state(model, state, folder / "model.safetensors")
     return model.eval(), config
 
 

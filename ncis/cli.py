@@ -8,8 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ncis.errors import UserError
+from ncis.errors import UserError, one_line, unexpected
+from ncis.lock import exclusive_outputs
 from ncis.pipeline import STAGES
+from ncis.signals import exit_code, interrupted_message, stop_signals_interrupt
+
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default=None, metavar="FILE", help="parameter file (default: params.yaml)")
@@ -25,6 +28,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--run-name", default=None, metavar="NAME", help="MLflow run name (default: benchmark, outliers, head, seed, changed params)"
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--all", action="store_true", help="every finished run, not only the latest per parameter set")
     compare.add_argument("--sort", default="auroc/average", metavar="COLUMN", help="metric or param to sort by, best first")
     compare.add_argument("--format", default="table", choices=["table", "csv", "markdown"], help="output format")
+    compare.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
 
@@ -65,8 +70,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _baseline(params_file):
+    """The params file as written, for naming what a run changed; None when it is valid only with
+    the run's overrides (the name then lists no changed keys)."""
+    from ncis.config import load_params
+
+    try:
+        return load_params(params_file)
+    except UserError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    restore_signals = stop_signals_interrupt()  # SIGTERM/SIGHUP stop a run like Ctrl-C
     try:
         if args.command == "compare":
             from ncis.compare import compare
@@ -80,18 +97,29 @@ def main(argv: list[str] | None = None) -> int:
         from ncis import tracking
         from ncis.pipeline import run_pipeline, run_stage
 
-        run_name = args.run_name or tracking.run_name(params, baseline=load_params(args.params))
-        if args.command == "run":
-            run_pipeline(params, run_name)
-        else:
-            run_stage(args.command, params, run_name)
+        run_name = args.run_name or tracking.run_name(params, baseline=_baseline(args.params))
+        # One process per outputs folder; what a killed one left half-written is swept first.
+        with exclusive_outputs(params.outputs, command="ncis " + " ".join(sys.argv[1:] if argv is None else argv)):
+            if args.command == "run":
+                run_pipeline(params, run_name)
+            else:
+                run_stage(args.command, params, run_name)
         return 0
     except UserError as err:
-        print(f"ncis: error: {err}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"ncis: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ncis: interrupted; finished work is kept and the stage resumes where it can", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        print(interrupted_message(err), file=sys.stderr)
+        return exit_code(err)
+    except Exception as err:
+        if args.debug:
+            raise
+        print(f"ncis: error: {unexpected(err)}", file=sys.stderr)
+        return 1
+    finally:
+        restore_signals()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ class DiffusionParams(Section):
         description="hub id, diffusers folder or single .ckpt/.safetensors file; empty = the benchmark's own "
         "(digits: the tiny model `prepare` trains)",
     )
+    allow_pickle: bool = Field(
+        description="load a pickled .ckpt (or .bin weights in a diffusers folder); unpickling runs any code the "
+        "file holds, so only for files you trust (docs/troubleshooting.md)",
+    )
     # Training of the tiny digits model (read by `prepare`).
     train_steps: int | None = Field(None, ge=1, description="digits: optimisation steps of the tiny model")
     train_batch_size: int | None = Field(None, ge=1, description="digits: tiny-model training batch")

@@ -23,8 +23,7 @@ import torch
 from sklearn.decomposition import PCA
 from torch import nn
 
-from ncis.errors import UserError
-from ncis.io import load_weights
+from ncis.io import load_state, load_weights
 
 
 # The config keys that rebuild a CVPN (the constructor's arguments, less the mean held in the weights).
@@ -203,12 +202,9 @@ class CVPN(nn.Module):
 
 def load_cvpn(folder: str | Path) -> CVPN:
     """Rebuild a cVPN saved by `train-cvpn` (safetensors + config.json), in eval mode on the CPU."""
-    weights, config = load_weights(folder)
-    missing = [key for key in ARCHITECTURE_KEYS if key not in config]
-    if missing:
-        raise UserError(f"{folder}/config.json lacks {missing} (saved by an older ncis); rerun `ncis train-cvpn`")
+    weights, config = load_weights(folder, required=ARCHITECTURE_KEYS)
     model = CVPN(**{key: config[key] for key in ARCHITECTURE_KEYS})
-    model.load_state_dict(weights)  # also restores the centering mean
+    load_state(model, weights, Path(folder) / "model.safetensors")  # also restores the centering mean
     return model.eval()
 
 

@@ -19,23 +19,27 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from ncis.errors import UserError
+from ncis.io import refuse_pickled_folder, trusted_single_file
 
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
 
 
-def load_pipeline(source: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """Load a text-to-image pipeline; frozen, in eval mode, on `device`."""
+def load_pipeline(
+    source: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, allow_pickle: bool = False
+) -> StableDiffusionPipeline:
+    """Load a text-to-image pipeline; frozen, in eval mode, on `device`. Pickled weights (.ckpt,
+    .bin) are refused before anything reads them unless `allow_pickle` (ncis.io.trusted_single_file)."""
     source = str(source)
     kwargs = dict(vae=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False, dtype=dtype)
     try:
         if source.endswith(SINGLE_FILE_SUFFIXES):
-            if not Path(source).is_file():
-                raise UserError(f"diffusion.model: no such file {source}; point it at a .ckpt/.safetensors checkpoint")
-            pipe = StableDiffusionPipeline.from_single_file(source, **kwargs)
+            with trusted_single_file(source, allow_pickle) as weights:
+                pipe = StableDiffusionPipeline.from_single_file(weights, **kwargs)
         else:
             if not Path(source).exists() and Path(source).is_absolute():
                 raise UserError(f"diffusion.model: no such folder {source}; run `ncis prepare` or fix the path")
-            pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
+            refuse_pickled_folder(source, allow_pickle)
+            pipe = StableDiffusionPipeline.from_pretrained(source, use_safetensors=not allow_pickle or None, **kwargs)
     except (OSError, EnvironmentError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
@@ -204,4 +208,4 @@ def model_source(params) -> str:
 
 
 def load_for_params(params, device: torch.device | str = "cpu") -> StableDiffusionPipeline:
-    return load_pipeline(model_source(params), device=device)
+    return load_pipeline(model_source(params), device=device, allow_pickle=params.diffusion.allow_pickle)

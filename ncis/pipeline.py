@@ -11,6 +11,7 @@ from typing import Callable
 
 from ncis.config import Params
 from ncis.errors import UserError
+from ncis.signals import in_stage
 
 # stage name -> (module, one-line description). Order is pipeline order.
 STAGES: dict[str, tuple[str, str]] = {
@@ -42,7 +43,7 @@ def run_stage(name: str, params: Params, run_name: str | None = None):
     from ncis import tracking
 
     function = stage_function(name)
-    with tracking.stage_run(params, name, run_name):
+    with tracking.stage_run(params, name, run_name), in_stage(name):
         return function(params)
 
 
@@ -52,5 +53,5 @@ def run_pipeline(params: Params, run_name: str | None = None) -> None:
     functions = [(name, stage_function(name)) for name in STAGES]  # fail before any work if one is missing
     with tracking.pipeline_run(params, run_name):
         for name, function in functions:
-            with tracking.stage_run(params, name):
+            with tracking.stage_run(params, name), in_stage(name):
                 function(params)

@@ -118,6 +118,38 @@ def evaluation_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     return metrics
 
 
+_logging_lost: list[str] = []  # the first failed logging call of the current run, if any
+
+
+def _report_lost(err: Exception) -> None:
+    if not _logging_lost:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        _logging_lost.append(reason)
+        print(
+            f"ncis: warning: MLflow logging failed ({type(err).__name__}: {reason}); the stage goes on and writes "
+            "its outputs, but its MLflow run stays incomplete",
+            file=sys.stderr,
+        )
+
+
+def _best_effort(log):
+    """Logging never costs work: once a call fails (server gone, its disk full) the failure is
+    reported in one line and the run's later calls are skipped, each of which would wait out
+    MLflow's retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES) again."""
+
+    @functools.wraps(log)
+    def logged(*args, **kwargs):
+        if _logging_lost:
+            return None
+        try:
+            return log(*args, **kwargs)
+        except Exception as err:
+            _report_lost(err)
+            return None
+
+    return logged
+
+
 class MlflowRun(Run):
     """An open MLflow run; `parent` is the ncis pipeline run it is nested under, if any."""
 
@@ -129,6 +161,7 @@ class MlflowRun(Run):
         self.summary: dict[str, float] = {}  # what log_summary logged here
         self.classifier_uri: str | None = None  # set on the pipeline run when a stage logs the classifier
 
+    @_best_effort
     def log_metrics(self, metrics, step=None):
         import mlflow
 
@@ -141,6 +174,7 @@ class MlflowRun(Run):
             run.log_metrics(metrics)
             run.summary.update({k: float(v) for k, v in metrics.items() if v is not None})
 
+    @_best_effort
     def log_artifact(self, path, artifact_path=None):
         import mlflow
 
@@ -150,12 +184,14 @@ class MlflowRun(Run):
         else:
             mlflow.log_artifact(str(path), artifact_path=artifact_path, run_id=self.run_id)
 
+    @_best_effort
     def set_tags(self, tags):
         from mlflow import MlflowClient
         from mlflow.entities import RunTag
 
         MlflowClient().log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    @_best_effort
     def log_classifier_model(self, model, example_images, name="classifier"):
         """`mlflow.pytorch.load_model(uri)(images)` gives logits. Returns MLflow's ModelInfo.
 
@@ -274,9 +310,9 @@ def _open_run(params, stage: str | None, name: str | None) -> Iterator[Run]:
             _prepare_experiment(run.experiment_id)
         yield run
         if stage is None:
-            _register_classifier(run, params.benchmark)
+            _best_effort(_register_classifier)(run, params.benchmark)
         if parent is None:
-            _print_link(run)
+            _best_effort(_print_link)(run)
 
 
 @contextlib.contextmanager
@@ -285,14 +321,23 @@ def _running(params, tags: dict[str, str], **start_kwargs) -> Iterator[Any]:
     import mlflow
     from mlflow.entities import RunStatus
 
-    with mlflow.start_run(**start_kwargs) as run:  # its __exit__ marks FAILED on an exception
+    run = mlflow.start_run(**start_kwargs)
+    _logging_lost.clear()
+    status = RunStatus.FAILED
+    try:
+        mlflow.set_tags(tags)
+        _log_params(run, params.flat())
+        yield run
+        status = RunStatus.FINISHED
+    except KeyboardInterrupt:
+        status = RunStatus.KILLED
+        raise
+    finally:
+        # Best effort: a server lost meanwhile must not turn a finished stage into a failed one.
         try:
-            mlflow.set_tags(tags)
-            _log_params(run, params.flat())
-            yield run
-        except KeyboardInterrupt:
-            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-            raise
+            mlflow.end_run(RunStatus.to_string(status))
+        except Exception as err:
+            _report_lost(err)
 
 
 def _log_params(run, flat: Mapping[str, Any]) -> None:

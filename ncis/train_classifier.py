@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -46,7 +46,7 @@ from ncis.classifiers import (
 )
 from ncis.datasets import get_benchmark
 from ncis.errors import UserError
-from ncis.io import atomic_path, load_weights, save_weights
+from ncis.io import atomic_path, load_weights, read_json, read_safetensors, save_weights
 from ncis.layout import layout_for
 from ncis.metrics import auroc
 from ncis.resume import claim, work_key
@@ -241,8 +241,8 @@ def save_checkpoint(folder: Path, epoch: int, model, head, optimizer, scheduler,
 
 
 def load_checkpoint(path: Path, model, head, optimizer, scheduler, device: torch.device) -> dict:
-    tensors = load_file(str(path / "state.safetensors"), device=str(device))
-    meta = json.loads((path / "state.json").read_text())
+    tensors = read_safetensors(path / "state.safetensors", device=str(device))
+    meta = read_json(path / "state.json")
     model.load_state_dict({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("model/")})
     head.load_state_dict({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("head/")})
     state: dict[int, dict] = {}
@@ -264,7 +264,7 @@ def resume(folder: Path, key: str, epochs: int, model, head, optimizer, schedule
     if not found:
         return 0, {}
     epoch, path = found[-1]
-    meta = json.loads((path / "state.json").read_text())
+    meta = read_json(path / "state.json")
     if meta["epochs"] != epochs:
         # Its cosine schedule was planned over the old length; stretching it from the middle
         # would give a schedule neither run describes.

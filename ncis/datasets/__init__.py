@@ -17,6 +17,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from ncis.errors import UserError
+from ncis.io import read_image
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class NumericImageFolder(ImageFolder):
     """torchvision's ImageFolder with class folders named by index, sorted as numbers (10 after 9)."""
 
     def __init__(self, root: str, transform=None):
-        super().__init__(root, transform=transform)
+        super().__init__(root, transform=transform, loader=read_image)  # a broken file: one line naming it
         # torchvision walks folders in text order (10.png before 2.png); the order written is the
         # order read, so "the first N images" and resumable chunks mean the same images everywhere.
         self.samples.sort(key=lambda sample: (sample[1], _numeric_stem(sample[0])))
@@ -99,6 +100,8 @@ class NumericImageFolder(ImageFolder):
 
     def find_classes(self, directory):
         names = [p.name for p in Path(directory).iterdir() if p.is_dir() and not p.name.startswith(".")]
+        if not names:
+            raise UserError(f"{directory} holds no class folders; lay images out as <class index>/<n>.png (`ncis prepare` writes them so)")
         try:
             names.sort(key=int)
         except ValueError:
@@ -115,7 +118,10 @@ def image_folder(folder: str | Path, transform=None) -> NumericImageFolder:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is missing; run `ncis prepare` (or the stage that writes it) first")
-    return NumericImageFolder(str(folder), transform=transform)
+    try:
+        return NumericImageFolder(str(folder), transform=transform)
+    except FileNotFoundError as err:  # torchvision: no class folder, or a class folder without images
+        raise UserError(f"{folder}: {err}; lay images out as <class index>/<n>.png (`ncis prepare` writes them so)") from None
 
 
 def load_images(
@@ -132,11 +138,10 @@ def load_images(
     mode = {1: "L", 3: "RGB"}.get(channels or 0)
     images = []
     for path in (dataset.samples[i][0] for i in picked):
-        with Image.open(path) as image:
-            image = image.convert(mode) if mode else image.copy()
-            if size and image.size != (size, size):
-                image = image.resize((size, size), Image.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
+        image = read_image(path, mode)
+        if size and image.size != (size, size):
+            image = image.resize((size, size), Image.BILINEAR)
+        array = np.asarray(image, dtype=np.uint8)
         images.append(array[..., None] if array.ndim == 2 else array)
     labels = np.asarray(dataset.targets, dtype=np.int64)[picked]
     return np.stack(images) if images else np.zeros((0, size or 0, size or 0, channels or 1), np.uint8), labels

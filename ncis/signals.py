@@ -1,0 +1,77 @@
+"""Stopping a run cleanly: Ctrl-C, a scheduler's SIGTERM and a closed terminal all act alike.
+
+Python turns SIGINT into KeyboardInterrupt, which unwinds the stack: every `atomic_path`
+removes its temporary, MLflow marks the run KILLED, and the CLI prints one line saying how
+to resume. SIGTERM (what Slurm, Kubernetes, `timeout` and `kill` send) and SIGHUP would
+instead end the process on the spot; here they raise the same exception, so a job stopped
+by its scheduler leaves the same clean state as one stopped by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from typing import Callable, Iterator
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM or SIGHUP."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_signals_interrupt() -> Callable[[], None]:
+    """From now on SIGTERM and SIGHUP raise `Stopped` as SIGINT raises KeyboardInterrupt; returns
+    the function that puts the previous handlers back.
+
+    A signal that is ignored (SIG_IGN, e.g. SIGHUP under `nohup`) stays ignored.
+    """
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    previous = {}
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            with contextlib.suppress(ValueError):  # not the main thread: signals are not ours to handle
+                previous[signum] = signal.signal(signum, stop)
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    return restore
+
+
+@contextlib.contextmanager
+def in_stage(name: str) -> Iterator[None]:
+    """Mark an interruption inside the block with the stage it stopped (for the message)."""
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        if getattr(err, "ncis_stage", None) is None:
+            err.ncis_stage = name
+        raise
+
+
+def signal_number(err: KeyboardInterrupt) -> int:
+    return getattr(err, "signum", signal.SIGINT)
+
+
+def exit_code(err: KeyboardInterrupt) -> int:
+    """The shell's convention for a process ended by a signal: 128 + its number (Ctrl-C: 130)."""
+    return 128 + signal_number(err)
+
+
+def interrupted_message(err: KeyboardInterrupt) -> str:
+    name = signal.Signals(signal_number(err)).name
+    stage = getattr(err, "ncis_stage", None)
+    where = f" during stage {stage}" if stage else ""
+    return (
+        f"ncis: stopped by {name}{where}; finished outputs are kept and nothing half-written is left: "
+        "rerun the same command to resume"
+    )
