@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="table of FPR95 / AUROC / ID accuracy of tracked runs")
     compare.add_argument("--experiment", default="digits", help="MLflow experiment (= benchmark name)")
     compare.add_argument("--runs", nargs="*", default=None, metavar="RUN_ID", help="run ids (default: latest per parameter set)")
+    from ncis import publish
+
+    publish.add_arguments(sub.add_parser("publish", help="push the outputs dvc.lock records to a DVC remote (docs/dvc.md)"))
     return parser
 
 
@@ -89,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
             from ncis.tracking import compare
 
             compare(args.experiment, args.runs)
+            return 0
+        if args.command == "publish":
+            from ncis.publish import main as publish
+
+            publish(args)
             return 0
         from ncis.config import load_params
 
