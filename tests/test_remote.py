@@ -205,7 +205,7 @@ def test_metrics_diff_against_a_tagged_release(pulled):
         assert diff["average.auroc"]["old"] != diff["average.auroc"]["new"]
         assert "evaluate.score" in pulled.dvc("params", "diff", "published")
     finally:
-        pulled.git("checkout", "-q", "params.yaml")
+        pulled.git("checkout", "-q", "params.yaml", "dvc.lock")
         pulled.dvc("checkout", "--force")
         pulled.git("tag", "-d", "published")
     assert UP_TO_DATE in pulled.dvc("status")
