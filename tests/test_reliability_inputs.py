@@ -188,7 +188,7 @@ def test_a_truncated_png_is_named(ncis, layout):
 def test_a_pickle_in_place_of_a_classifier_checkpoint_is_never_unpickled(ncis, layout, trained_classifier, marker):
     [checkpoint] = layout.classifier_checkpoints.glob("epoch_*")
     write_payload(checkpoint / "state.safetensors", marker, torch_format=True)
-    code, output = ncis("train-classifier", *CLASSIFIER, "classifier.epochs=2")  # resumes from it
+    code, output = ncis("train-classifier", *CLASSIFIER)  # the same run again: resumes from its last checkpoint
     assert code == 2
     assert_one_line_error(output, str(checkpoint / "state.safetensors"), "pickle", "rerun `ncis train-classifier`")
     assert not marker.exists()
