@@ -1,9 +1,10 @@
 # Two front doors for a fresh machine: `make demo` (whole pipeline on digits) and `make test`.
+# Maintainers: `make publish-digits` after `dvc repro` (docs/dvc.md, "Pretrained artifacts").
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: env demo test clean
+.PHONY: env demo test publish-digits clean
 
 $(BIN)/ncis: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,11 @@ demo: env
 
 test: env
 	$(BIN)/python -m pytest -q
+
+# Push every output of dvc.lock to the in-repo remote dvc-store/, drop what dvc.lock no longer
+# names, and check the remote; then commit dvc.lock and dvc-store/.
+publish-digits: env
+	$(BIN)/ncis publish --prune
 
 clean:
 	rm -rf outputs mlruns

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ncis import publish
 from ncis.errors import UserError, one_line, unexpected
 from ncis.lock import exclusive_outputs
 from ncis.pipeline import STAGES
@@ -46,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--all", action="store_true", help="every finished run, not only the latest per parameter set")
     compare.add_argument("--sort", default="auroc/average", metavar="COLUMN", help="metric or param to sort by, best first")
     compare.add_argument("--format", default="table", choices=["table", "csv", "markdown"], help="output format")
-    compare.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    publish_parser = sub.add_parser("publish", help="push the outputs dvc.lock records to a DVC remote (docs/dvc.md)")
+    publish.add_arguments(publish_parser)
+    for parser_ in (compare, publish_parser):
+        parser_.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
 
@@ -89,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             from ncis.compare import compare
 
             compare(args.experiment, args.runs, sort=args.sort, output=args.format, every_run=args.all)
+            return 0
+        if args.command == "publish":
+            publish.main(args)
             return 0
         from ncis.config import load_params
 

@@ -13,7 +13,8 @@ import os
 from typing import Any
 
 from ncis.errors import UserError
-from ncis.tracking import NOT_RESULT_PARAMS, PRIMARY_METRIC, check_server
+from ncis.config import PLACEMENT_KEYS
+from ncis.tracking import PRIMARY_METRIC, check_server
 
 METRICS = ("auroc/average", "fpr95/average", "aupr_in/average", "id_accuracy", "synthesize/outlier_in_class_fraction")
 LOWER_IS_BETTER = ("fpr95", "synthesize/outlier_in_class_fraction", "synthesize/control_in_class_fraction")
@@ -75,7 +76,7 @@ def _pipelines(experiment_id: str, every_run: bool) -> list:
         return found
     latest = {}
     for run in found:  # newest first: the first of each parameter set wins
-        key = tuple(sorted((k, v) for k, v in run.data.params.items() if k not in NOT_RESULT_PARAMS))
+        key = tuple(sorted((k, v) for k, v in run.data.params.items() if k not in PLACEMENT_KEYS))
         latest.setdefault(key, run)
     return list(latest.values())
 
@@ -95,7 +96,7 @@ def _chosen_runs(experiment: str, experiment_id: str, run_ids: list[str]) -> lis
 
 
 def _rows(runs: list) -> list[dict[str, Any]]:
-    keys = sorted({k for run in runs for k in run.data.params} - NOT_RESULT_PARAMS)
+    keys = sorted({k for run in runs for k in run.data.params} - PLACEMENT_KEYS)
     differing = [k for k in keys if len({run.data.params.get(k) for run in runs}) > 1]
     rows = []
     for run in runs:

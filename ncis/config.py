@@ -18,6 +18,11 @@ from ncis.errors import UserError
 DEFAULT_PARAMS = Path("params.yaml")
 
 
+# Keys that say where or how a run happens, never what it computes: DVC does not rerun a stage for
+# them, and run names and `ncis compare` leave them out.
+PLACEMENT_KEYS = frozenset({"outputs", "device", "tracking.enabled", "diffusion.allow_pickle"})
+
+
 class Section(BaseModel):
     # Unknown keys are typos until proven otherwise; strict types refuse a "0.1" string or a
     # float where an int is meant instead of converting it (an int is still a valid float).
@@ -209,6 +214,17 @@ class Params(Section):
     def flat(self) -> dict[str, Any]:
         """`section.key` -> value, the form MLflow logs and `--set` takes."""
         return _flatten(self.model_dump())
+
+
+def is_placement(key: str) -> bool:
+    """`key`, or every key of the section it names, says where or how a run happens, not what."""
+    if key in PLACEMENT_KEYS:
+        return True
+    field = Params.model_fields.get(key)
+    section = field.annotation if field else None
+    return isinstance(section, type) and issubclass(section, BaseModel) and all(
+        f"{key}.{name}" in PLACEMENT_KEYS for name in section.model_fields
+    )
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

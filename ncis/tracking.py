@@ -28,13 +28,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from ncis.config import PLACEMENT_KEYS
 from ncis.errors import UserError
 
 STAGE_TAG = "ncis.stage"
 PIPELINE = "pipeline"  # `ncis.stage` of the pipeline run
 NAME_TAG = "ncis.run_name"  # the descriptive name, also on stage runs (which are named after their stage)
-# Parameters that do not change results: left out of run names and of compare's parameter sets.
-NOT_RESULT_PARAMS = frozenset({"outputs", "device", "tracking.enabled"})
 PRIMARY_METRIC = "auroc/average"  # greater is better
 RUNS_VIEW = "ncis"  # key of the saved runs-table view that ncis keeps in every experiment it logs to
 
@@ -252,7 +251,7 @@ def run_name(params, baseline=None) -> str:
         parts += [
             f"{key}={value}"
             for key, value in params.flat().items()
-            if key not in named | NOT_RESULT_PARAMS and value != written.get(key)
+            if key not in named | PLACEMENT_KEYS and value != written.get(key)
         ]
     return _ref_safe(parts)
 
