@@ -46,7 +46,7 @@ from ncis.classifiers import (
 )
 from ncis.datasets import get_benchmark
 from ncis.errors import UserError
-from ncis.io import atomic_path, load_weights, read_json, read_safetensors, save_weights
+from ncis.io import atomic_path, load_state, load_weights, read_json, read_safetensors, save_weights
 from ncis.layout import layout_for
 from ncis.metrics import auroc
 from ncis.resume import claim, work_key
@@ -264,7 +264,7 @@ def resume(folder: Path, key: str, epochs: int, model, head, optimizer, schedule
     if not found:
         return 0, {}
     epoch, path = found[-1]
-    meta = read_json(path / "state.json")
+    meta = load_checkpoint(path, model, head, optimizer, scheduler, device)  # a damaged checkpoint is refused first
     if meta["epochs"] != epochs:
         # Its cosine schedule was planned over the old length; stretching it from the middle
         # would give a schedule neither run describes.
@@ -272,7 +272,6 @@ def resume(folder: Path, key: str, epochs: int, model, head, optimizer, schedule
             f"{folder} holds {epoch} epoch(s) of a {meta['epochs']}-epoch run, whose learning-rate schedule cannot change "
             f"length; set classifier.epochs={meta['epochs']} to finish it, or delete {folder} to train {epochs} epochs from scratch"
         )
-    meta = load_checkpoint(path, model, head, optimizer, scheduler, device)
     print(f"train-classifier: resuming after epoch {epoch} from {path}")
     return epoch, meta.get("stats", {})
 
@@ -355,7 +354,7 @@ def read_init(folder: Path, settings, benchmark, layout) -> tuple[dict[str, torc
             f"classifier.init={folder} holds no classifier (model.safetensors + config.json); "
             "train one first, e.g. with classifier.outliers=none"
         )
-    weights, config = load_weights(folder)
+    weights, config = load_weights(folder, required=("arch", "num_classes", "channels", "image_size", "mean", "std"))
     wanted = {"arch": settings.arch, "num_classes": benchmark.num_classes, "channels": benchmark.channels, "image_size": benchmark.image_size}
     found = {key: config.get(key) for key in wanted}
     if found != wanted:
@@ -374,7 +373,7 @@ def build_model(params, layout, benchmark, device) -> tuple[Classifier, list[flo
         mean, std = channel_stats(eval_images, params.seed, device)
     model = build_classifier(settings.arch, benchmark.num_classes, benchmark.channels, mean, std)
     if settings.init:
-        model.load_state_dict(weights)
+        load_state(model, weights, Path(settings.init) / "model.safetensors")
     return model.to(device), mean, std
 
 
