@@ -12,7 +12,7 @@ from ncis import publish
 from ncis.errors import UserError, one_line, unexpected
 from ncis.lock import exclusive_outputs
 from ncis.pipeline import STAGES
-from ncis.signals import exit_code, interrupted_message, stop_signals_interrupt
+from ncis.signals import exit_code, interrupted_message, stop_signal, stop_signals_interrupt
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         print(interrupted_message(err), file=sys.stderr)
         return exit_code(err)
     except Exception as err:
+        if stop_signal(err):  # e.g. a DataLoader worker killed by the same SIGTERM failed first
+            print(interrupted_message(err), file=sys.stderr)
+            return exit_code(err)
         if args.debug:
             raise
         print(f"ncis: error: {unexpected(err)}", file=sys.stderr)

@@ -32,6 +32,7 @@ def stop_signals_interrupt() -> Callable[[], None]:
     """
 
     def stop(signum, frame):
+        _received.append(signum)
         raise Stopped(signum)
 
     previous = {}
@@ -43,32 +44,42 @@ def stop_signals_interrupt() -> Callable[[], None]:
     def restore() -> None:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        _received.clear()
 
     return restore
 
 
+_received: list[int] = []  # stop signals received since the handlers were installed
+
+
 @contextlib.contextmanager
 def in_stage(name: str) -> Iterator[None]:
-    """Mark an interruption inside the block with the stage it stopped (for the message)."""
+    """Mark an exception leaving the block with the stage it stopped (for the message)."""
     try:
         yield
-    except KeyboardInterrupt as err:
+    except BaseException as err:
         if getattr(err, "ncis_stage", None) is None:
-            err.ncis_stage = name
+            with contextlib.suppress(AttributeError):
+                err.ncis_stage = name
         raise
 
 
-def signal_number(err: KeyboardInterrupt) -> int:
-    return getattr(err, "signum", signal.SIGINT)
+def stop_signal(err: BaseException) -> int | None:
+    """The signal that stopped the run, if one did: the one `err` was raised for, or else a stop
+    signal received before `err` (a DataLoader worker killed by the same SIGTERM can make the main
+    process fail with "DataLoader worker ... is killed by signal" before the handler raises)."""
+    if isinstance(err, KeyboardInterrupt):
+        return getattr(err, "signum", signal.SIGINT)
+    return _received[0] if _received else None
 
 
-def exit_code(err: KeyboardInterrupt) -> int:
+def exit_code(err: BaseException) -> int:
     """The shell's convention for a process ended by a signal: 128 + its number (Ctrl-C: 130)."""
-    return 128 + signal_number(err)
+    return 128 + (stop_signal(err) or signal.SIGINT)
 
 
-def interrupted_message(err: KeyboardInterrupt) -> str:
-    name = signal.Signals(signal_number(err)).name
+def interrupted_message(err: BaseException) -> str:
+    name = signal.Signals(stop_signal(err) or signal.SIGINT).name
     stage = getattr(err, "ncis_stage", None)
     where = f" during stage {stage}" if stage else ""
     return (

@@ -57,6 +57,19 @@ def child_env(**more: str) -> dict[str, str]:
     return env
 
 
+def default_signals(then=None):
+    """preexec_fn: the child handles SIGINT/SIGTERM/SIGHUP itself, even when the tests run where
+    they are ignored (a background job of a shell without job control ignores SIGINT)."""
+
+    def apply() -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        if then is not None:
+            then()
+
+    return apply
+
+
 class Child:
     """`python -m ncis ...` in its own session (a signal reaches it alone), output to a file."""
 
@@ -69,7 +82,7 @@ class Child:
             stdout=open(self.log, "w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=preexec_fn,
+            preexec_fn=default_signals(preexec_fn),
         )
 
     @property

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import yaml
-from faults import ROOT, child_env, debris, readable
+from faults import ROOT, child_env, debris, default_signals, readable
 
 pytestmark = pytest.mark.slow
 
@@ -60,12 +60,24 @@ def dvc(repo, *args, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def wait_for_group(group: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, f"process group {group} still running"
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_stopped_dvc_stage_stays_not_done_and_reruns(repo, tmp_path, signum):
     path, env = repo
     log = tmp_path / "repro.log"
     job = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "prepare"], cwd=path, env=env,
-                           stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+                           stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                           preexec_fn=default_signals())
     deadline = time.monotonic() + 600
     while "prepare: tiny diffusion model" not in log.read_text(errors="replace"):
         assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
@@ -73,6 +85,7 @@ def test_a_stopped_dvc_stage_stays_not_done_and_reruns(repo, tmp_path, signum):
     time.sleep(1.0)  # into the training loop
     os.killpg(job.pid, signum)  # dvc and its `ncis prepare`, as Ctrl-C in a terminal or a scheduler
     assert job.wait(timeout=120) != 0
+    wait_for_group(job.pid)  # on SIGTERM dvc ends at once; its `ncis prepare` is still cleaning up
     output = log.read_text(errors="replace")
     assert f"ncis: stopped by {signal.Signals(signum).name} during stage prepare; " in output, readable(output)
 

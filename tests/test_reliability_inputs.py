@@ -347,3 +347,31 @@ def test_a_corrupt_resume_chunk_is_named_and_deleting_it_resumes(ncis, layout, u
     chunk.unlink()
     assert ncis(*embed)[0] == 0
     np.testing.assert_array_equal(load_arrays(layout.embeddings)["embeddings"], expected["embeddings"])
+
+
+def test_an_error_caused_by_a_stop_signal_reports_the_stop(ncis, layout, monkeypatch):
+    """With DataLoader workers (on a GPU), the SIGTERM that stops a job also kills the workers, and
+    the main process may first see "worker killed": still a stop, not an unforeseen error."""
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        pytest.skip("SIGTERM is handled or ignored by whatever runs the tests")
+
+    def worker_died(params):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.pause()
+        except KeyboardInterrupt:
+            raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated.") from None
+
+    monkeypatch.setattr(train_cvpn, "main", worker_died)
+    code, output = ncis("train-cvpn")
+    assert code == 143
+    assert [line for line in output.splitlines() if line.startswith("ncis:")] == [
+        "ncis: stopped by SIGTERM during stage train-cvpn; finished outputs are kept and nothing half-written "
+        "is left: rerun the same command to resume"
+    ]
+    def worker_failed(params):
+        raise RuntimeError("DataLoader worker (pid 4242) exited unexpectedly")
+
+    monkeypatch.setattr(train_cvpn, "main", worker_failed)
+    code, output = ncis("train-cvpn")  # no signal this time: the next run does not remember the last one's
+    assert code == 1 and "unexpected RuntimeError" in output

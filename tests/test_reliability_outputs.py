@@ -23,6 +23,7 @@ from faults import (
     assert_one_line_error,
     child_env,
     debris,
+    default_signals,
     digests,
     limit_file_size,
     readable,
@@ -169,7 +170,7 @@ def test_a_file_size_limit_hit_mid_stage_keeps_the_previous_output(cvpn_outputs,
     done = subprocess.run(
         [sys.executable, "-m", "ncis", *stage_args("train-cvpn", cvpn_outputs, "seed=1")],
         cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=600,
-        preexec_fn=limit_file_size(8_000),  # output to pipes: not subject to the limit
+        preexec_fn=default_signals(limit_file_size(8_000)),  # output to pipes: not subject to the limit
     )
     assert done.returncode == 2, done.stderr[-3000:]
     assert_one_line_error(done.stderr, f"cannot write {Layout(cvpn_outputs).cvpn}: File too large", "ulimit -f")
