@@ -13,7 +13,7 @@ from ncis.config import load_params
 from ncis.datasets import get_benchmark, load_images, write_image_folder
 from ncis.diffusion import load_pipeline, tokenize_prompts, token_embedding_table
 from ncis.errors import UserError
-from ncis.io import save_arrays
+from ncis.io import load_arrays, save_arrays
 from ncis.layout import layout_for
 
 
@@ -114,7 +114,7 @@ def test_outlier_rows_render_each_embedding_images_per_embedding_times():
 
 
 def _paper_run(tmp_path, model_dir, *more):
-    """configs/cifar100.yaml with the tiny Stable Diffusion, fake embeddings and one outlier per class."""
+    """configs/cifar100.yaml with the tiny Stable Diffusion, fake embeddings and two outliers per class."""
     params = load_params(
         "configs/cifar100.yaml",
         overrides=[
@@ -122,7 +122,7 @@ def _paper_run(tmp_path, model_dir, *more):
             f"diffusion.model={model_dir}",
             "tracking.enabled=false",
             "synthesize.steps=2",
-            "synthesize.images_per_class=0",
+            "synthesize.images_per_class=2",
             "synthesize.control_per_class=1",
             "synthesize.preview_per_class=1",
             *more,
@@ -133,7 +133,7 @@ def _paper_run(tmp_path, model_dir, *more):
     labels = np.arange(200) % 100
     write_image_folder(layout.id_train, rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8), labels)
     save_arrays(layout.embeddings, embeddings=rng.normal(size=(200, 32)).astype(np.float32), labels=labels)
-    save_arrays(layout.outliers, outliers=rng.normal(size=(100, 1, 32)).astype(np.float32), labels=np.arange(100))
+    save_arrays(layout.outliers, outliers=rng.normal(size=(100, 2, 32)).astype(np.float32), labels=np.arange(100))
     return params, layout
 
 
@@ -152,9 +152,11 @@ def test_synthesize_renders_each_outlier_embedding_as_several_rgb_images(tmp_pat
 
     labels, vectors, noise_ids, rendered = calls[0]
     assert rendered.shape == (200, 24, 24, 3)
-    # Images 2k and 2k+1 share class k's outlier embedding but not their starting noise.
+    # Images 2k and 2k+1 share class k's first outlier embedding but not their starting noise.
     assert labels.tolist() == np.repeat(np.arange(100), 2).tolist()
-    np.testing.assert_array_equal(vectors[0::2], vectors[1::2])
+    outliers = load_arrays(layout.outliers)["outliers"]
+    np.testing.assert_array_equal(vectors[0::2], outliers[:, 0])
+    np.testing.assert_array_equal(vectors[1::2], outliers[:, 0])
     assert len(set(noise_ids.tolist())) == 200
     assert not np.array_equal(rendered[0], rendered[1])
     images, saved_labels = load_images(layout.synthetic_images)
