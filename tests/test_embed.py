@@ -168,11 +168,13 @@ def test_half_precision_inversion_keeps_vectors_and_loss_in_float32(tmp_path, ti
         with torch.no_grad():
             latents = encode_images(pipe, images)
         assert latents.dtype == precision
-        results[precision] = embed.invert(pipe, latents, ids, positions, init, embed.image_noise_generators(0, [0, 1]), params.embed)
-    half, full = results[dtype], results[torch.float32]
+        result = embed.invert(pipe, latents, ids, positions, init, embed.image_noise_generators(0, [0, 1]), params.embed)
+        results[precision] = result, result.vectors - init.float()
+    (half, half_move), (full, full_move) = results[dtype], results[torch.float32]
     assert half.vectors.dtype == half.losses.dtype == torch.float32
-    # The half-precision model moves the vectors as the float32 one does (Adam's first steps are ~lr * sign).
-    torch.testing.assert_close(half.vectors, full.vectors, atol=3e-3, rtol=0)
+    # The half-precision model moves the vectors as the float32 one does. (Adam's first steps are
+    # ~lr * sign(gradient): an element whose gradient is ~0 may step either way in either precision.)
+    assert torch.nn.functional.cosine_similarity(half_move, full_move).min() > 0.9
     torch.testing.assert_close(half.losses, full.losses, atol=0.05, rtol=0.05)
 
 

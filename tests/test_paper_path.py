@@ -176,7 +176,8 @@ def _check_every_boundary(outputs: Path, benchmark: str, image_size: int, ood_se
     assert (outputs / "cvpn" / "model.safetensors").exists()
     assert load_arrays(outputs / "sample" / "outliers.npz")["outliers"].shape == (100, 2, text_width)
     images, labels = load_images(outputs / "synthesize" / "images")
-    # 4 images per class from one outlier embedding each (paper: 8), decoded RGB, saved at 256 (paper)
+    # 4 images per class, all from its first outlier embedding (the config renders 8 per embedding),
+    # decoded RGB and saved at the paper's 256
     assert images.shape == (400, 256, 256, 3) and np.bincount(labels).tolist() == [4] * 100
     assert (outputs / "classifier").is_dir()
     metrics = json.loads((outputs / "metrics.json").read_text())
