@@ -49,15 +49,6 @@ class DiffusionParams(Section):
         description="load a pickled .ckpt (or .bin weights in a diffusers folder); unpickling runs any code the "
         "file holds, so only for files you trust (docs/troubleshooting.md)",
     )
-    single_file_config: str = Field(
-        description="with a single .ckpt/.safetensors diffusion.model: a diffusers folder or hub id (HF cache) holding "
-        "the model's component configs and tokenizer, e.g. CompVis/stable-diffusion-v1-4; empty = the one diffusers "
-        "infers from the checkpoint (must then be in the HF cache) (docs/stable-diffusion.md)",
-    )
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        description="precision of the diffusion model's weights; auto = float32 on CPU, and on CUDA what the paper ran: "
-        "float16 for synthesize (autocast), float32 for embed. The token vectors embed optimises and its loss stay float32",
-    )
     # Training of the tiny digits model (read by `prepare`).
     train_steps: int | None = Field(None, ge=1, description="digits: optimisation steps of the tiny model")
     train_batch_size: int | None = Field(None, ge=1, description="digits: tiny-model training batch")
@@ -80,6 +71,10 @@ class EmbedParams(Section):
     batch_size: int = Field(ge=1, description="images optimised together (results do not depend on it)")
     chunk_size: int = Field(ge=1, description="images per saved chunk; an interrupted run resumes from the last chunk")
     image_limit: int = Field(ge=0, description="embed only N training images, evenly spaced over the set (0 = all)")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        description="precision of the diffusion model's weights (auto = float32 on CPU, float16 on CUDA); the token "
+        "vectors, the noising and the loss stay float32 (docs/stable-diffusion.md)"
+    )
 
 
 class CvpnParams(Section):
@@ -138,6 +133,10 @@ class SynthesizeParams(Section):
     guidance_scale: float = Field(ge=1, description="classifier-free guidance against the empty prompt (1 = none)")
     noise_scale: float = Field(gt=0, description="std of the starting noise relative to the prior's (1 = the paper)")
     batch_size: int = Field(ge=1, description="images rendered together (results do not depend on it)")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        description="precision of the diffusion model's weights (auto = float32 on CPU, float16 on CUDA); images are "
+        "decoded to float32 before they are resized and saved (docs/stable-diffusion.md)"
+    )
     images_per_embedding: int = Field(ge=1, description="images rendered from each outlier embedding, each from its own starting noise")
     images_per_class: int = Field(
         ge=0,

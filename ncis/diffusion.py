@@ -31,15 +31,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError)
 
 
-def resolve_dtype(name: str, device: torch.device | str, stage: str = "synthesize") -> torch.dtype:
-    """`diffusion.dtype` -> a torch dtype. `auto` is float32 on CPU; on CUDA it is what the paper ran each
-    stage in: synthesis under fp16 autocast (NCIS scripts/dream_ood.py:384-386, 484-486), textual
-    inversion in fp32 (scripts/get_embeddings/embed_c100_images_clip.py uses no autocast)."""
-    if name != "auto":
-        return DTYPES[name]
-    if torch.device(device).type == "cuda" and stage == "synthesize":
-        return torch.float16
-    return torch.float32
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """`embed.dtype` / `synthesize.dtype` -> a torch dtype; `auto` is float32 on CPU, float16 on CUDA."""
+    if name == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    return DTYPES[name]
 
 
 def load_pipeline(
@@ -102,11 +98,12 @@ def _load_error_message(source: str, single_file: bool, single_file_config: str,
     text = str(err).strip()
     reason = text.splitlines()[0] if text else type(err).__name__
     if single_file:
-        config = f"its configs from {single_file_config!r}" if single_file_config else "the configs diffusers infers for it"
+        config = f"the configs of {single_file_config!r}" if single_file_config else "the configs diffusers infers for it"
         return (
-            f"diffusion.model: cannot load the single file {source} with {config} ({reason}); set "
-            "diffusion.single_file_config to a diffusers folder or a hub id in the HF cache holding the model's configs "
-            "and tokenizer (Stable Diffusion 1.4: CompVis/stable-diffusion-v1-4)"
+            f"diffusion.model: cannot load the single file {source} with {config} ({reason}); a single file holds "
+            "weights only: put its model's configs and tokenizer in the HF cache (hf download "
+            f"{single_file_config or 'CompVis/stable-diffusion-v1-4'} --include '*.json' '*.txt', where there is "
+            "network), or give a diffusers folder of the model instead"
         )
     return (
         f"diffusion.model: cannot load {source!r} ({reason}); give a diffusers folder, a hub id available "
@@ -269,12 +266,18 @@ def model_source(params) -> str:
     return default
 
 
-def load_for_params(params, device: torch.device | str = "cpu", stage: str = "synthesize") -> StableDiffusionPipeline:
-    """The pipeline `diffusion.*` describes, at the precision `diffusion.dtype` gives `stage` on `device`."""
+def load_for_params(params, device: torch.device | str, dtype: str) -> StableDiffusionPipeline:
+    """The pipeline `diffusion.*` describes, on `device`, in the precision `dtype` (a stage's `dtype` key).
+
+    A single checkpoint file holds weights only: its configs and tokenizer come from the benchmark's
+    default model (Stable Diffusion 1.4's hub id for the paper's benchmarks: sd-v1-4.ckpt's own)."""
+    from ncis.datasets import get_benchmark
+
+    default = get_benchmark(params.benchmark).default_diffusion
     return load_pipeline(
         model_source(params),
         device=device,
-        dtype=resolve_dtype(params.diffusion.dtype, device, stage),
-        single_file_config=params.diffusion.single_file_config,
+        dtype=resolve_dtype(dtype, device),
+        single_file_config="" if default == "tiny" else default,
         allow_pickle=params.diffusion.allow_pickle,
     )

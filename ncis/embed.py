@@ -112,7 +112,7 @@ def _scaled_backward(image_losses, vectors: torch.Tensor, scale: float) -> tuple
             vectors.grad /= scale
             return per_image, scale
         if scale < 2:
-            raise UserError("embed: non-finite gradients in float16; set diffusion.dtype=bfloat16 or float32")
+            raise UserError("embed: non-finite gradients in float16; set embed.dtype=bfloat16 or float32")
         vectors.grad = None
         scale /= 2
 
@@ -125,8 +125,7 @@ def _fingerprint(params: Params) -> str:
             "embed": params.embed.model_dump(),
             "model": source,
             "model_files": files_signature(Path(source)),
-            "single_file_config": params.diffusion.single_file_config,
-            "dtype": str(resolve_dtype(params.diffusion.dtype, resolve_device(params.device), "embed")),
+            "precision": str(resolve_dtype(params.embed.dtype, resolve_device(params.device))),  # auto: per device
             "seed": params.seed,
             "benchmark": params.benchmark,
         },
@@ -140,7 +139,7 @@ def main(params: Params) -> dict:
     layout = layout_for(params)
     benchmark = get_benchmark(params.benchmark)
     device = resolve_device(params.device)
-    pipe = load_for_params(params, device, stage="embed")
+    pipe = load_for_params(params, device, cfg.dtype)
     side = resolution(pipe)
     mode = "RGB" if image_channels(pipe) == 3 else "L"
     dataset = image_folder(

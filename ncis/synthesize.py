@@ -87,7 +87,7 @@ def main(params: Params) -> dict:
     per_class = len(labels) // classes
     vectors = outliers[labels, picks]
 
-    pipe = load_for_params(params, resolve_device(params.device), stage="synthesize")
+    pipe = load_for_params(params, resolve_device(params.device), cfg.dtype)
     images = render(pipe, params, class_names, labels, vectors, np.arange(len(labels)), "synthesize: outliers")
 
     # Control: the class's own inverted embeddings, each with the starting noise of one outlier

@@ -240,10 +240,11 @@ def build_tiny_stable_diffusion(folder: Path, class_names: list[str], templates:
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory) -> Path:
     """A tiny Stable-Diffusion-shaped pipeline (with a VAE) in diffusers' folder layout, whose
-    tokenizer covers the CIFAR-100 and ImageNet-100 class names and the paper's prompts."""
+    tokenizer covers the CIFAR-100 and ImageNet-100 class, token and prompt names and the paper's prompts."""
     from ncis.config import load_params
     from ncis.datasets import get_benchmark
 
     params = load_params(Path(__file__).parents[1] / "configs" / "cifar100.yaml")
-    names = [name for benchmark in ("cifar100", "imagenet100") for name in get_benchmark(benchmark).class_names]
+    benchmarks = [get_benchmark(name) for name in ("cifar100", "imagenet100")]
+    names = [name for b in benchmarks for name in (*b.class_names, *b.token_names, *b.prompt_names)]
     return build_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd"), names, [params.embed.prompt, params.synthesize.prompt])

@@ -111,33 +111,43 @@ def test_a_single_original_layout_file_loads_whole_with_a_config_folder(tiny_sd_
     assert single.tokenizer("A high-quality image of the seal").input_ids == folder.tokenizer("A high-quality image of the seal").input_ids
 
 
-def test_a_single_file_without_configs_offline_says_which_key_to_set(tiny_sd_file, monkeypatch):
+def test_a_single_file_without_configs_offline_says_where_they_go(tiny_sd_file, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(UserError) as refused:
-        load_pipeline(tiny_sd_file)
-    message = str(refused.value)
-    assert "\n" not in message and "diffusion.single_file_config" in message and str(tiny_sd_file) in message
-    with pytest.raises(UserError, match="diffusion.single_file_config"):
-        load_pipeline(tiny_sd_file, single_file_config=str(tiny_sd_file.parent / "no-such-folder"))
+    for config in ("", "ncis-test/not-cached"):
+        with pytest.raises(UserError) as refused:
+            load_pipeline(tiny_sd_file, single_file_config=config)
+        message = str(refused.value)
+        assert "\n" not in message and str(tiny_sd_file) in message and "HF cache" in message and "diffusers folder" in message
 
 
-def test_a_hub_id_loads_offline_from_the_hf_cache(tiny_sd_dir, tiny_sd_file, tmp_path, monkeypatch):
-    """Stable Diffusion by hub id (configs/*.yaml: CompVis/stable-diffusion-v1-4) from a cache, no network."""
+def _fake_hf_cache(tmp_path, monkeypatch, repo_id: str, folder: Path) -> None:
+    """`folder` as `repo_id`'s snapshot in a Hugging Face cache, with the hub unreachable."""
     import huggingface_hub.constants
 
     revision = "0" * 40
-    repo = tmp_path / "hub" / "models--ncis-test--tiny-sd"
-    shutil.copytree(tiny_sd_dir, repo / "snapshots" / revision)
+    repo = tmp_path / "hub" / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / revision)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
-    _same_weights(load_pipeline("ncis-test/tiny-sd"), load_pipeline(tiny_sd_dir))
-    # the same cached id configures a single file
-    _same_weights(load_pipeline(tiny_sd_file, single_file_config="ncis-test/tiny-sd"), load_pipeline(tiny_sd_dir))
+
+def test_the_configs_hub_id_loads_offline_from_the_hf_cache(tiny_sd_dir, tiny_sd_file, tmp_path, monkeypatch):
+    """configs/cifar100.yaml's `diffusion.model` (a hub id) from a cache, no network; a single file
+    takes its configs and tokenizer from the same cached id (the benchmark's default model)."""
+    from ncis.config import load_params
+    from ncis.diffusion import load_for_params
+
+    _fake_hf_cache(tmp_path, monkeypatch, "CompVis/stable-diffusion-v1-4", tiny_sd_dir)
+    folder = load_pipeline(tiny_sd_dir)
+    by_id = load_params(ROOT / "configs" / "cifar100.yaml")
+    assert by_id.diffusion.model == "CompVis/stable-diffusion-v1-4"
+    _same_weights(load_for_params(by_id, "cpu", "auto"), folder)
+    by_file = load_params(ROOT / "configs" / "cifar100.yaml", overrides=[f"diffusion.model={tiny_sd_file}"])
+    _same_weights(load_for_params(by_file, "cpu", "auto"), folder)
     with pytest.raises(UserError, match="cannot load 'ncis-test/absent'"):
         load_pipeline("ncis-test/absent")
 
@@ -204,8 +214,10 @@ def fake_cifar100(root: Path) -> None:
     for split, per_class in (("train", PER_CLASS), ("test", 1)):
         labels = np.repeat(np.arange(100), per_class)
         entry = {"data": rng.integers(0, 256, (len(labels), 3 * 32 * 32), dtype=np.uint8), "fine_labels": labels.tolist()}
-        (cifar / split).write_bytes(pickle.dumps(entry))  # torchvision's own format, read by torchvision
-    (cifar / "meta").write_bytes(pickle.dumps({"fine_label_names": list(CIFAR100_LABELS)}))
+        # the release's pickles: protocol 2, numpy 1's name for the array constructor
+        pickled = pickle.dumps(entry, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        (cifar / split).write_bytes(pickled)
+    (cifar / "meta").write_bytes(pickle.dumps({"fine_label_names": list(CIFAR100_LABELS)}, protocol=2))
     (root / "svhn").mkdir()
     svhn = {"X": rng.integers(0, 256, (32, 32, 3, 4), dtype=np.uint8), "y": np.array([[1], [2], [10], [3]])}
     scipy.io.savemat(root / "svhn" / "test_32x32.mat", svhn)
@@ -227,13 +239,13 @@ def fake_imagenet100(root: Path) -> None:
 
 @pytest.mark.slow
 def test_ncis_run_with_the_cifar100_config_goes_from_raw_data_to_metrics(tmp_path, tiny_sd_dir, monkeypatch):
-    import torchvision.datasets.cifar
     import torchvision.datasets.svhn
+    import torchvision.datasets.utils
 
     from ncis.cli import main
 
-    # The fake files cannot match the md5 sums torchvision checks.
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    # The fake files cannot match the release's md5 sums checked before reading.
+    monkeypatch.setattr(torchvision.datasets.utils, "check_integrity", lambda *args, **kwargs: True)
     monkeypatch.setattr(torchvision.datasets.svhn, "check_integrity", lambda *args, **kwargs: True)
     fake_cifar100(tmp_path / "datasets")
     assert main(_tiny_run(tmp_path, tiny_sd_dir, tmp_path / "datasets", "configs/cifar100.yaml")) == 0
