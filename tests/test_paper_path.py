@@ -111,6 +111,17 @@ def test_a_single_original_layout_file_loads_whole_with_a_config_folder(tiny_sd_
     assert single.tokenizer("A high-quality image of the seal").input_ids == folder.tokenizer("A high-quality image of the seal").input_ids
 
 
+def test_the_papers_ckpt_form_loads_whole_when_trusted(tiny_sd_dir, tiny_sd_file, tmp_path):
+    """sd-v1-4.ckpt's form (a pickled {"state_dict": ...}): refused by default, whole when allowed."""
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "sd-tiny.ckpt"
+    torch.save({"state_dict": load_file(str(tiny_sd_file)), "global_step": 1}, ckpt)
+    with pytest.raises(UserError, match="allow_pickle"):
+        load_pipeline(ckpt, single_file_config=str(tiny_sd_dir))
+    _same_weights(load_pipeline(ckpt, single_file_config=str(tiny_sd_dir), allow_pickle=True), load_pipeline(tiny_sd_dir))
+
+
 def test_a_single_file_without_configs_offline_says_where_they_go(tiny_sd_file, monkeypatch):
     import huggingface_hub.constants
 
