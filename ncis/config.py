@@ -71,6 +71,10 @@ class EmbedParams(Section):
     batch_size: int = Field(ge=1, description="images optimised together (results do not depend on it)")
     chunk_size: int = Field(ge=1, description="images per saved chunk; an interrupted run resumes from the last chunk")
     image_limit: int = Field(ge=0, description="embed only N training images, evenly spaced over the set (0 = all)")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        description="precision of the diffusion model's weights (auto = float32 on CPU, float16 on CUDA); the token "
+        "vectors, the noising and the loss stay float32 (docs/stable-diffusion.md)"
+    )
 
 
 class CvpnParams(Section):
@@ -129,8 +133,17 @@ class SynthesizeParams(Section):
     guidance_scale: float = Field(ge=1, description="classifier-free guidance against the empty prompt (1 = none)")
     noise_scale: float = Field(gt=0, description="std of the starting noise relative to the prior's (1 = the paper)")
     batch_size: int = Field(ge=1, description="images rendered together (results do not depend on it)")
-    images_per_class: int = Field(ge=0, description="0 = one image per outlier embedding")
-    save_size: int = Field(ge=1, description="side of the saved images in pixels")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        description="precision of the diffusion model's weights (auto = float32 on CPU, float16 on CUDA); images are "
+        "decoded to float32 before they are resized and saved (docs/stable-diffusion.md)"
+    )
+    images_per_embedding: int = Field(ge=1, description="images rendered from each outlier embedding, each from its own starting noise")
+    images_per_class: int = Field(
+        ge=0,
+        description="images per class; image k renders outlier embedding k // images_per_embedding (cycling through "
+        "the pool); 0 = every outlier embedding, images_per_embedding times",
+    )
+    save_size: int = Field(ge=1, description="side of the saved images in pixels (decoded at the model's resolution, then resized)")
     preview_per_class: int = Field(ge=1, description="outliers per class in preview.png")
     control_per_class: int = Field(ge=0, description="images per class from unperturbed embeddings, for diagnostics (0 = none)")
 

@@ -1,9 +1,10 @@
 """The one way a diffusion model enters ncis: Stable Diffusion and the tiny digits model alike.
 
-`load_pipeline` returns a diffusers `StableDiffusionPipeline` from a hub id, a local
-diffusers folder or a single `.ckpt`/`.safetensors` file. A pipeline without a VAE
-(the tiny digits model works in pixel space) is handled by `encode_images` /
-`decode_latents` treating latents as the images themselves: one code path, not two.
+`load_pipeline` returns a diffusers `StableDiffusionPipeline`, VAE included, from a hub id
+(HF cache), a local diffusers folder or a single `.ckpt`/`.safetensors` file in the original
+Stable Diffusion layout. A folder saved without a VAE (the tiny digits model works in pixel
+space) loads without one, and `encode_images` / `decode_latents` then treat latents as the
+images themselves: one code path, not two.
 
 Per-image token vectors reach the text encoder through a forward hook on its input
 embedding module (transformers 5's `CLIPTextModel.forward` takes no `inputs_embeds`),
@@ -13,6 +14,7 @@ so the shared embedding table is never edited in place.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import torch
@@ -22,39 +24,91 @@ from ncis.errors import UserError
 from ncis.io import refuse_pickled_folder, trusted_single_file
 
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# What a failed load raises: missing/unreadable files and offline hub lookups (OSError and
+# huggingface_hub's errors), configs that do not fit the weights (ValueError, KeyError,
+# RuntimeError from load_state_dict).
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError)
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """`embed.dtype` / `synthesize.dtype` -> a torch dtype; `auto` is float32 on CPU, float16 on CUDA."""
+    if name == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    return DTYPES[name]
 
 
 def load_pipeline(
-    source: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, allow_pickle: bool = False
+    source: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    single_file_config: str = "",
+    allow_pickle: bool = False,
 ) -> StableDiffusionPipeline:
-    """Load a text-to-image pipeline; frozen, in eval mode, on `device`. Pickled weights (.ckpt,
-    .bin) are refused before anything reads them unless `allow_pickle` (ncis.io.trusted_single_file)."""
+    """Load a text-to-image pipeline; frozen, in eval mode, on `device`.
+
+    `single_file_config` (single files only): a diffusers folder or hub id holding the model's
+    component configs and tokenizer; empty = the one diffusers infers from the checkpoint's keys.
+    Pickled weights (.ckpt, .bin) are refused before anything reads them unless `allow_pickle`
+    (ncis.io.trusted_single_file).
+    """
     source = str(source)
-    kwargs = dict(vae=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False, dtype=dtype)
+    kwargs = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False, dtype=dtype)
+    # diffusers does not load a component passed as None at all, so vae=None only where the saved
+    # pipeline has no VAE: passed for any model, it would drop Stable Diffusion's autoencoder.
+    if _saved_without_vae(source):
+        kwargs["vae"] = None
+    single_file = source.endswith(SINGLE_FILE_SUFFIXES)
     try:
-        if source.endswith(SINGLE_FILE_SUFFIXES):
+        if single_file:
             with trusted_single_file(source, allow_pickle) as weights:
-                pipe = StableDiffusionPipeline.from_single_file(weights, **kwargs)
+                pipe = StableDiffusionPipeline.from_single_file(weights, config=single_file_config or None, **kwargs)
         else:
             if not Path(source).exists() and Path(source).is_absolute():
                 raise UserError(f"diffusion.model: no such folder {source}; run `ncis prepare` or fix the path")
             refuse_pickled_folder(source, allow_pickle)
             pipe = StableDiffusionPipeline.from_pretrained(source, use_safetensors=not allow_pickle or None, **kwargs)
-    except (OSError, EnvironmentError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"diffusion.model: cannot load {source!r} ({first_line}); give a diffusers folder, a hub id available "
-            "offline (HF_HOME cache) or a single .ckpt/.safetensors file"
-        ) from None
+    except LOAD_ERRORS as err:
+        raise UserError(_load_error_message(source, single_file, single_file_config, err)) from None
     if pipe.vae is None:
         # Pixel-space model: latents are the images, so nothing is scaled.
         pipe.vae_scale_factor = 1
         pipe.image_processor.config.vae_scale_factor = 1
+    else:
+        # Encode and decode one image at a time: less memory at 512x512, and an image's latents
+        # and pixels cannot depend on the batch it came in.
+        pipe.vae.enable_slicing()
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.text_encoder, pipe.vae):
         if module is not None:
             module.requires_grad_(False).eval()
     return pipe.to(device)
+
+
+def _saved_without_vae(source: str) -> bool:
+    """A diffusers folder whose model_index.json records no VAE (the pixel-space digits model)."""
+    index = Path(source) / "model_index.json"
+    if not index.is_file():
+        return False
+    entry = json.loads(index.read_text()).get("vae")
+    return not entry or entry[0] is None
+
+
+def _load_error_message(source: str, single_file: bool, single_file_config: str, err: Exception) -> str:
+    text = str(err).strip()
+    reason = text.splitlines()[0] if text else type(err).__name__
+    if single_file:
+        config = f"the configs of {single_file_config!r}" if single_file_config else "the configs diffusers infers for it"
+        return (
+            f"diffusion.model: cannot load the single file {source} with {config} ({reason}); a single file holds "
+            "weights only: put its model's configs and tokenizer in the HF cache (hf download "
+            f"{single_file_config or 'CompVis/stable-diffusion-v1-4'} --include '*.json' '*.txt', where there is "
+            "network), or give a diffusers folder of the model instead"
+        )
+    return (
+        f"diffusion.model: cannot load {source!r} ({reason}); give a diffusers folder, a hub id available "
+        "offline (HF_HOME cache) or a single .ckpt/.safetensors file"
+    )
 
 
 def resolution(pipe: StableDiffusionPipeline) -> int:
@@ -63,7 +117,8 @@ def resolution(pipe: StableDiffusionPipeline) -> int:
 
 
 def image_channels(pipe: StableDiffusionPipeline) -> int:
-    return 3 if pipe.vae is not None else int(pipe.unet.config.in_channels)
+    """Channels of the images the model reads and draws (Stable Diffusion: RGB through its VAE)."""
+    return int(pipe.vae.config.out_channels) if pipe.vae is not None else int(pipe.unet.config.in_channels)
 
 
 def encode_images(pipe: StableDiffusionPipeline, images: torch.Tensor) -> torch.Tensor:
@@ -71,15 +126,18 @@ def encode_images(pipe: StableDiffusionPipeline, images: torch.Tensor) -> torch.
     pixels = images * 2 - 1
     if pipe.vae is None:
         return pixels
-    # The posterior's mode, not a sample: an image's embedding should not depend on VAE noise.
-    posterior = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist
+    # The posterior's mode times the VAE's scaling factor, as the paper's inversion does
+    # (NCIS scripts/get_embeddings/embed_c100_images_clip.py:207, `.mode() * 0.18215`, SD 1.x's
+    # factor): an image's embedding does not depend on VAE noise.
+    posterior = pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist
     return posterior.mode() * pipe.vae.config.scaling_factor
 
 
 def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [0, 1], [B, C, H, W]."""
+    """Latents -> float32 images in [0, 1], [B, C, H, W] at the model's resolution."""
     if pipe.vae is not None:
-        latents = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        latents = latents.to(pipe.vae.device, pipe.vae.dtype) / pipe.vae.config.scaling_factor
+        latents = pipe.vae.decode(latents, return_dict=False)[0]
     return ((latents.float() + 1) / 2).clamp(0, 1)
 
 
@@ -191,6 +249,7 @@ def generate(
     ).images
     return decode_latents(pipe, latents)
 
+
 def model_source(params) -> str:
     """`diffusion.model` if set, else the benchmark's default (digits: the tiny model `prepare` trains)."""
     from ncis.datasets import get_benchmark
@@ -207,5 +266,18 @@ def model_source(params) -> str:
     return default
 
 
-def load_for_params(params, device: torch.device | str = "cpu") -> StableDiffusionPipeline:
-    return load_pipeline(model_source(params), device=device, allow_pickle=params.diffusion.allow_pickle)
+def load_for_params(params, device: torch.device | str, dtype: str) -> StableDiffusionPipeline:
+    """The pipeline `diffusion.*` describes, on `device`, in the precision `dtype` (a stage's `dtype` key).
+
+    A single checkpoint file holds weights only: its configs and tokenizer come from the benchmark's
+    default model (Stable Diffusion 1.4's hub id for the paper's benchmarks: sd-v1-4.ckpt's own)."""
+    from ncis.datasets import get_benchmark
+
+    default = get_benchmark(params.benchmark).default_diffusion
+    return load_pipeline(
+        model_source(params),
+        device=device,
+        dtype=resolve_dtype(dtype, device),
+        single_file_config="" if default == "tiny" else default,
+        allow_pickle=params.diffusion.allow_pickle,
+    )

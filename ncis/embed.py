@@ -3,7 +3,8 @@
 Only the class token's input embedding is optimised (text encoder, UNet and VAE are
 frozen), starting from the token's own embedding. Each image owns its vector and its
 noise stream (seeded by the image's index), and the loss is a sum of per-image means,
-so an image's result does not depend on which images share its batch.
+so an image's result does not depend on which images share its batch. The vectors, the
+noising and the loss stay float32 whatever precision the model runs in.
 
 Work is saved in chunks as they finish; a stopped run resumes at the first missing chunk.
 """
@@ -30,10 +31,12 @@ from ncis.diffusion import (
     load_for_params,
     model_source,
     resolution,
+    resolve_dtype,
     substituted_tokens,
     token_embedding_table,
     tokenize_prompts,
 )
+from ncis.errors import UserError
 from ncis.io import files_signature, load_arrays, save_arrays, write_json
 from ncis.layout import layout_for
 from ncis.runtime import resolve_device
@@ -50,6 +53,11 @@ def image_noise_generators(seed: int, indices: list[int]) -> list[torch.Generato
     return [torch.Generator().manual_seed(seed * 1_000_003 + index) for index in indices]
 
 
+# float16 gradients of a mean over many latent pixels underflow: the loss is scaled before the
+# backward pass and the gradient unscaled in float32, starting where torch.amp.GradScaler starts.
+FLOAT16_LOSS_SCALE = 2.0**16
+
+
 def invert(
     pipe,
     latents: torch.Tensor,
@@ -62,26 +70,51 @@ def invert(
     """Optimise one class-token vector per image (rows of `latents`) with Adam on the epsilon MSE."""
     device = latents.device
     batch, draws = latents.shape[0], cfg.noise_draws
+    model_dtype = pipe.unet.dtype
     vectors = init_vectors.detach().clone().float().to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([vectors], lr=cfg.lr)
+    loss_scale = FLOAT16_LOSS_SCALE
     scheduler = pipe.scheduler
-    latents_per_draw = latents.repeat_interleave(draws, dim=0)
+    latents_per_draw = latents.float().repeat_interleave(draws, dim=0)
     for _ in range(cfg.steps):
         noise = torch.stack([torch.randn((draws, *latents.shape[1:]), generator=g) for g in generators]).to(device)
         timesteps = torch.stack(
             [torch.randint(0, cfg.timestep_count, (draws,), generator=g) * cfg.timestep_stride + 1 for g in generators]
         ).to(device)
         noise, timesteps = noise.flatten(0, 1), timesteps.flatten()
-        noisy = scheduler.add_noise(latents_per_draw, noise, timesteps)
-        with substituted_tokens(pipe.text_encoder, positions, vectors):
-            hidden = pipe.text_encoder(ids.to(device))[0]
-        prediction = pipe.unet(noisy, timesteps, encoder_hidden_states=hidden.repeat_interleave(draws, dim=0)).sample
-        per_image = (prediction.float() - noise.float()).pow(2).flatten(1).mean(1).view(batch, draws).mean(1)
+        noisy = scheduler.add_noise(latents_per_draw, noise, timesteps).to(model_dtype)
+
+        def image_losses() -> torch.Tensor:
+            with substituted_tokens(pipe.text_encoder, positions, vectors):
+                hidden = pipe.text_encoder(ids.to(device))[0]
+            prediction = pipe.unet(noisy, timesteps, encoder_hidden_states=hidden.repeat_interleave(draws, dim=0)).sample
+            return (prediction.float() - noise.float()).pow(2).flatten(1).mean(1).view(batch, draws).mean(1)
+
         optimizer.zero_grad(set_to_none=True)
-        # A sum keeps each image's gradient independent of the batch size.
-        per_image.sum().backward()
+        if model_dtype == torch.float16:
+            per_image, loss_scale = _scaled_backward(image_losses, vectors, loss_scale)
+        else:
+            per_image = image_losses()
+            # A sum keeps each image's gradient independent of the batch size.
+            per_image.sum().backward()
         optimizer.step()
     return InversionResult(vectors.detach().cpu(), per_image.detach().cpu())
+
+
+def _scaled_backward(image_losses, vectors: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
+    """`image_losses()` with the float32 gradient of their sum in `vectors.grad`, backpropagated at
+    `scale` and unscaled. An overflow halves the scale and recomputes: Adam's step hardly depends
+    on the gradient's scale, so unlike GradScaler no step is skipped."""
+    while True:
+        per_image = image_losses()
+        (per_image.sum() * scale).backward()
+        if torch.isfinite(vectors.grad).all():
+            vectors.grad /= scale
+            return per_image, scale
+        if scale < 2:
+            raise UserError("embed: non-finite gradients in float16; set embed.dtype=bfloat16 or float32")
+        vectors.grad = None
+        scale /= 2
 
 
 def _fingerprint(params: Params) -> str:
@@ -92,6 +125,7 @@ def _fingerprint(params: Params) -> str:
             "embed": params.embed.model_dump(),
             "model": source,
             "model_files": files_signature(Path(source)),
+            "precision": str(resolve_dtype(params.embed.dtype, resolve_device(params.device))),  # auto: per device
             "seed": params.seed,
             "benchmark": params.benchmark,
         },
@@ -105,7 +139,7 @@ def main(params: Params) -> dict:
     layout = layout_for(params)
     benchmark = get_benchmark(params.benchmark)
     device = resolve_device(params.device)
-    pipe = load_for_params(params, device)
+    pipe = load_for_params(params, device, cfg.dtype)
     side = resolution(pipe)
     mode = "RGB" if image_channels(pipe) == 3 else "L"
     dataset = image_folder(
@@ -121,7 +155,7 @@ def main(params: Params) -> dict:
     labels_all = np.asarray(dataset.targets, dtype=np.int64)[picked]
     class_names = list(benchmark.class_names)
     ids_per_class, positions_per_class = tokenize_prompts(pipe, cfg.prompt, class_names)
-    table = token_embedding_table(pipe).weight.detach().cpu()
+    table = token_embedding_table(pipe).weight.detach().float().cpu()
     class_tokens = table[ids_per_class[torch.arange(len(class_names)), positions_per_class]]
 
     chunks = layout.embed_dir / "chunks"

@@ -3,6 +3,9 @@
 The prompt "A high-quality image of the <class>" is encoded with the class token's
 input embedding replaced by an outlier embedding; diffusers' pipeline does the rest
 (classifier-free guidance against the empty prompt, PNDM/PLMS or any scheduler by name).
+As in the paper, one outlier embedding renders `images_per_embedding` images (NCIS README.md:50,
+`--n_samples 8`), decoded at the model's resolution and resized to `save_size` (dream_ood.py:547).
+Every image has its own starting noise, keyed by its index, so no result depends on the batching.
 A control pool from the class's own inverted embeddings, with the same starting noise,
 shows how far the outliers actually moved (`diagnostics.json`).
 """
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
@@ -43,15 +46,23 @@ def render(pipe, params: Params, class_names: list[str], labels: np.ndarray, vec
     return np.concatenate(out)
 
 
-def _to_uint8(images: torch.Tensor, size: int) -> np.ndarray:
-    arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    if arrays.shape[1] == size:
-        return arrays
-    resized = []
-    for array in arrays:
-        image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-        resized.append(np.asarray(image.resize((size, size), Image.BILINEAR)).reshape(size, size, -1))
-    return np.stack(resized)
+def _to_uint8(images: torch.Tensor, size: int, antialias: bool = False) -> np.ndarray:
+    """Images in [0, 1] [B, C, H, W] -> uint8 [B, size, size, C], resized before quantising as the
+    paper does (scripts/dream_ood.py:547: bilinear, no antialiasing; it then truncates to uint8
+    where ncis rounds)."""
+    if images.shape[-1] != size:
+        images = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=antialias).clamp(0, 1)
+    return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def outlier_rows(pool_size: int, classes: int, images_per_class: int, images_per_embedding: int) -> tuple[np.ndarray, np.ndarray]:
+    """(class, pool index) of every image to render: image k of a class renders the class's outlier
+    embedding k // images_per_embedding, cycling through the pool; images_per_class = 0 renders
+    every embedding images_per_embedding times."""
+    per_class = images_per_class or pool_size * images_per_embedding
+    labels = np.repeat(np.arange(classes), per_class)
+    picks = np.tile((np.arange(per_class) // images_per_embedding) % pool_size, classes)
+    return labels, picks
 
 
 def preview_grid(real: list[np.ndarray], fake: list[np.ndarray], path, cell: int = 32) -> None:
@@ -72,11 +83,11 @@ def main(params: Params) -> dict:
     pool = load_arrays(layout.outliers)
     outliers = pool["outliers"]  # [C, M, D]
     classes, per_pool = outliers.shape[:2]
-    per_class = cfg.images_per_class or per_pool
-    labels = np.repeat(np.arange(classes), per_class)
-    vectors = outliers[labels, np.tile(np.arange(per_class) % per_pool, classes)]
+    labels, picks = outlier_rows(per_pool, classes, cfg.images_per_class, cfg.images_per_embedding)
+    per_class = len(labels) // classes
+    vectors = outliers[labels, picks]
 
-    pipe = load_for_params(params, resolve_device(params.device))
+    pipe = load_for_params(params, resolve_device(params.device), cfg.dtype)
     images = render(pipe, params, class_names, labels, vectors, np.arange(len(labels)), "synthesize: outliers")
 
     # Control: the class's own inverted embeddings, each with the starting noise of one outlier
@@ -92,7 +103,7 @@ def main(params: Params) -> dict:
 
     side = min(cfg.save_size, 32)
     id_images, id_labels = load_images(layout.id_train, benchmark.channels, side, limit=DIAGNOSTIC_IMAGES, seed=params.seed)
-    small = lambda x: _to_uint8(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255, side)  # noqa: E731
+    small = lambda x: _to_uint8(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255, side, antialias=True)  # noqa: E731
     small_images = small(images)
     classifier = diagnostics.fit_pixel_classifier(id_images, id_labels, params.seed)
     report = {

@@ -162,3 +162,89 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+# --- a tiny Stable Diffusion (latent space, with a VAE) ----------------------------------------
+
+TINY_SD_UNET_SIDE = 8  # latent side; images are 8x larger (the VAE has four levels, as SD's)
+TINY_SD_VAE_SCALING = 0.5  # not SD's 0.18215: a hard-coded factor would show
+
+
+def _tiny_clip_tokenizer(words: list[str], folder: Path, max_length: int):
+    """A CLIP BPE tokenizer whose merges, learned by `tokenizers` on `words`, make each word one token."""
+    import json
+
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import CLIPTokenizer
+
+    from ncis.tiny_diffusion import BOS, EOS
+
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.train_from_iterator([words], trainers.BpeTrainer(vocab_size=100_000, end_of_word_suffix="</w>", show_progress=False))
+    learned = json.loads(bpe.to_str())["model"]
+    vocab = dict(learned["vocab"])
+    vocab.update({BOS: len(vocab), EOS: len(vocab) + 1})
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in learned["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length, pad_token=EOS)
+    assert all(len(tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in words)
+    return tokenizer
+
+
+def build_tiny_stable_diffusion(folder: Path, class_names: list[str], templates: list[str]):
+    """Stable Diffusion 1.x's components (AutoencoderKL, CLIP text encoder, cross-attention UNet,
+    PNDM) at toy sizes, randomly initialised; the tokenizer knows the templates and class names."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ncis.tiny_diffusion import prompt_words
+
+    max_length, width = 24, 32
+    tokenizer = _tiny_clip_tokenizer(prompt_words(templates, class_names), folder / "tokenizer-source", max_length)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 8, 8), sample_size=8 * TINY_SD_UNET_SIDE, scaling_factor=TINY_SD_VAE_SCALING,
+        )
+        unet = UNet2DConditionModel(
+            sample_size=TINY_SD_UNET_SIDE, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=width, attention_head_dim=8,
+            norm_num_groups=8,
+        )
+    # Stable Diffusion 1.4's scheduler settings (its scheduler/scheduler_config.json).
+    scheduler = PNDMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder / "model"))
+    return folder / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    """A tiny Stable-Diffusion-shaped pipeline (with a VAE) in diffusers' folder layout, whose
+    tokenizer covers the CIFAR-100 and ImageNet-100 class, token and prompt names and the paper's prompts."""
+    from ncis.config import load_params
+    from ncis.datasets import get_benchmark
+
+    params = load_params(Path(__file__).parents[1] / "configs" / "cifar100.yaml")
+    benchmarks = [get_benchmark(name) for name in ("cifar100", "imagenet100")]
+    names = [name for b in benchmarks for name in (*b.class_names, *b.token_names, *b.prompt_names)]
+    return build_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd"), names, [params.embed.prompt, params.synthesize.prompt])

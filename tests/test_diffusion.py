@@ -121,3 +121,69 @@ def test_prepared_model_draws_the_prompted_digit(trained_digits):
     pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     accuracy = in_class_fraction(classifier, pixels, labels)
     assert accuracy >= 0.75, f"only {accuracy:.0%} of generated digits are the prompted class"
+
+
+# --- Stable Diffusion's shape: a latent UNet behind a VAE (tiny_sd_dir, tests/conftest.py) ---
+
+
+def test_stable_diffusion_loads_with_its_vae(tiny_sd_dir):
+    from diffusers import AutoencoderKL
+
+    from ncis.diffusion import image_channels
+
+    pipe = load_pipeline(tiny_sd_dir)
+    assert isinstance(pipe.vae, AutoencoderKL)
+    assert resolution(pipe) == pipe.unet.config.sample_size * 8 == 64
+    assert image_channels(pipe) == 3
+    assert not any(p.requires_grad for p in pipe.vae.parameters())
+
+
+def test_vae_latents_are_the_posterior_mode_times_the_vaes_own_scaling_factor(tiny_sd_dir):
+    pipe = load_pipeline(tiny_sd_dir)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    latents = encode_images(pipe, images)
+    assert latents.shape == (2, 4, 8, 8)
+    mode = pipe.vae.encode(images * 2 - 1).latent_dist.mode()
+    assert pipe.vae.config.scaling_factor == 0.5  # the fixture's, not SD's 0.18215
+    torch.testing.assert_close(latents, mode * 0.5)
+    decoded = decode_latents(pipe, latents)
+    assert decoded.shape == (2, 3, 64, 64) and decoded.dtype == torch.float32
+    assert decoded.min() >= 0 and decoded.max() <= 1
+    # decode undoes the scaling before the VAE's decoder
+    torch.testing.assert_close(decoded, ((pipe.vae.decode(mode).sample + 1) / 2).clamp(0, 1))
+
+
+def test_stable_diffusion_generates_rgb_images_at_the_vae_resolution(tiny_sd_dir):
+    pipe = load_pipeline(tiny_sd_dir)
+    ids, _ = tokenize_prompts(pipe, "A high-quality image of the {}", ["apple", "seal"])
+    latents = initial_latents(pipe, [torch.Generator().manual_seed(i) for i in range(2)])
+    assert latents.shape == (2, 4, 8, 8)
+    images = generate(pipe, encode_text(pipe, ids), 3, 7.5, latents)
+    assert images.shape == (2, 3, 64, 64) and images.min() >= 0 and images.max() <= 1
+
+
+def test_precision_auto_is_float32_on_cpu_and_float16_on_cuda():
+    from ncis.diffusion import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda") == torch.float16  # dream_ood.py samples under autocast
+    assert resolve_dtype("float32", "cuda") == torch.float32
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_loads_every_component_in_it_and_decodes_to_float32(tiny_sd_dir, dtype):
+    full, half = load_pipeline(tiny_sd_dir), load_pipeline(tiny_sd_dir, dtype=dtype)
+    assert {half.unet.dtype, half.vae.dtype, half.text_encoder.dtype} == {dtype}
+    ids, _ = tokenize_prompts(half, "A high-quality image of the {}", ["apple"])
+    noise = lambda: initial_latents(full, [torch.Generator().manual_seed(0)])  # noqa: E731
+    low = generate(half, encode_text(half, ids), 3, 7.5, noise())
+    assert low.dtype == torch.float32
+    assert (low - generate(full, encode_text(full, ids), 3, 7.5, noise())).abs().max() < 0.1
+
+
+def test_digits_model_still_loads_without_a_vae(untrained_pipeline_dir):
+    from ncis.diffusion import image_channels
+
+    pipe = load_pipeline(untrained_pipeline_dir)
+    assert pipe.vae is None and image_channels(pipe) == 1 and resolution(pipe) == pipe.unet.config.sample_size

@@ -100,3 +100,88 @@ def test_saved_chunks_are_keyed_by_the_model_files(tmp_path, untrained_pipeline_
     assert embed._fingerprint(params) != before
     # A hub id (no local folder) still gets a fingerprint, from the settings alone.
     assert embed._fingerprint(_params(tmp_path, "CompVis/stable-diffusion-v1-4"))
+
+
+# --- Stable Diffusion's shape: textual inversion through a VAE ----------------------------------
+
+PAPER = "configs/cifar100.yaml"
+
+
+def _paper_params(tmp_path, model_dir, *more):
+    return load_params(
+        PAPER,
+        overrides=[
+            f"outputs={tmp_path}",
+            f"diffusion.model={model_dir}",
+            "tracking.enabled=false",
+            "embed.steps=2",
+            "embed.noise_draws=2",
+            "embed.batch_size=3",
+            *more,
+        ],
+    )
+
+
+def _recording_loader(monkeypatch, module, seen: dict):
+    """Wrap `module.load_for_params` so the UNet's and the VAE encoder's inputs are recorded."""
+    original = module.load_for_params
+
+    def load(*args, **kwargs):
+        pipe = original(*args, **kwargs)
+        pipe.unet.register_forward_pre_hook(lambda m, inputs: seen.setdefault("unet", []).append(tuple(inputs[0].shape)))
+        pipe.vae.encoder.register_forward_pre_hook(lambda m, inputs: seen.setdefault("vae", []).append(tuple(inputs[0].shape)))
+        seen["pipe"] = pipe
+        return pipe
+
+    monkeypatch.setattr(module, "load_for_params", load)
+
+
+def test_embed_inverts_rgb_images_through_the_vae(tmp_path, tiny_sd_dir, monkeypatch):
+    params = _paper_params(tmp_path, tiny_sd_dir)
+    layout = layout_for(params)
+    rng = np.random.default_rng(0)
+    write_image_folder(layout.id_train, rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8), np.array([0, 0, 1, 1, 99]))
+    seen: dict = {}
+    _recording_loader(monkeypatch, embed, seen)
+    embed.main(params)
+
+    saved = load_arrays(layout.embeddings)
+    width = seen["pipe"].text_encoder.config.hidden_size
+    assert saved["embeddings"].shape == (5, width) and saved["embeddings"].dtype == np.float32
+    assert saved["class_tokens"].shape == (100, width) and saved["labels"].tolist() == [0, 0, 1, 1, 99]
+    # CIFAR's 32x32 RGB images enter the VAE at the model's 64x64 resolution (one at a time: sliced) ...
+    assert set(seen["vae"]) == {(1, 3, 64, 64)} and len(seen["vae"]) == 5
+    # ... and the UNet denoises 4-channel latents at 1/8 of it: batch x noise draws rows.
+    assert set(seen["unet"]) == {(3 * 2, 4, 8, 8), (2 * 2, 4, 8, 8)}
+    assert (np.linalg.norm(saved["embeddings"] - saved["class_tokens"][saved["labels"]], axis=1) > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inversion_keeps_vectors_and_loss_in_float32(tmp_path, tiny_sd_dir, dtype):
+    params = _paper_params(tmp_path, tiny_sd_dir)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for precision in (torch.float32, dtype):
+        pipe = load_pipeline(tiny_sd_dir, dtype=precision)
+        ids, positions = tokenize_prompts(pipe, params.embed.prompt, ["bear", "bee"])
+        init = token_embedding_table(pipe).weight[ids[torch.arange(2), positions]].detach()
+        with torch.no_grad():
+            latents = encode_images(pipe, images)
+        assert latents.dtype == precision
+        result = embed.invert(pipe, latents, ids, positions, init, embed.image_noise_generators(0, [0, 1]), params.embed)
+        results[precision] = result, result.vectors - init.float()
+    (half, half_move), (full, full_move) = results[dtype], results[torch.float32]
+    assert half.vectors.dtype == half.losses.dtype == torch.float32
+    # The half-precision model moves the vectors as the float32 one does. (Adam's first steps are
+    # ~lr * sign(gradient): an element whose gradient is ~0 may step either way in either precision.)
+    assert torch.nn.functional.cosine_similarity(half_move, full_move).min() > 0.9
+    torch.testing.assert_close(half.losses, full.losses, atol=0.05, rtol=0.05)
+
+
+def test_float16_loss_scale_halves_on_overflow_and_unscales_the_gradient():
+    vectors = torch.zeros(2, 3, requires_grad=True)
+    # d(loss)/d(vectors) = 1000: at 2**16 the float16 gradient overflows; 64 is the first scale that fits.
+    per_image, scale = embed._scaled_backward(lambda: (vectors.half() * 1000).float().sum(1), vectors, embed.FLOAT16_LOSS_SCALE)
+    assert scale == 64
+    assert vectors.grad.dtype == torch.float32 and torch.equal(vectors.grad, torch.full((2, 3), 1000.0))
+    assert per_image.shape == (2,)

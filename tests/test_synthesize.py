@@ -13,7 +13,7 @@ from ncis.config import load_params
 from ncis.datasets import get_benchmark, load_images, write_image_folder
 from ncis.diffusion import load_pipeline, tokenize_prompts, token_embedding_table
 from ncis.errors import UserError
-from ncis.io import save_arrays
+from ncis.io import load_arrays, save_arrays
 from ncis.layout import layout_for
 
 
@@ -98,3 +98,83 @@ def test_embeddings_far_from_the_class_token_draw_less_of_the_class(trained_digi
     classifier = fit_pixel_classifier(train_x, train_y)
     own_fraction, moved_fraction = in_class_fraction(classifier, own, labels), in_class_fraction(classifier, moved, labels)
     assert moved_fraction < own_fraction - 0.1, (own_fraction, moved_fraction)
+
+
+# --- the paper's synthesis: several images per outlier embedding, through a VAE -----------------
+
+
+def test_outlier_rows_render_each_embedding_images_per_embedding_times():
+    labels, picks = synthesize.outlier_rows(pool_size=3, classes=2, images_per_class=0, images_per_embedding=2)
+    assert labels.tolist() == [0] * 6 + [1] * 6 and picks.tolist() == [0, 0, 1, 1, 2, 2] * 2
+    # images_per_class cuts or cycles through the pool, embedding by embedding
+    assert synthesize.outlier_rows(3, 1, 5, 2)[1].tolist() == [0, 0, 1, 1, 2]
+    assert synthesize.outlier_rows(3, 1, 8, 2)[1].tolist() == [0, 0, 1, 1, 2, 2, 0, 0]
+    # one image per embedding: the earlier meaning of images_per_class, unchanged
+    assert synthesize.outlier_rows(3, 2, 7, 1)[1].tolist() == [0, 1, 2, 0, 1, 2, 0] * 2
+
+
+def _paper_run(tmp_path, model_dir, *more):
+    """configs/cifar100.yaml with the tiny Stable Diffusion, fake embeddings and two outliers per class."""
+    params = load_params(
+        "configs/cifar100.yaml",
+        overrides=[
+            f"outputs={tmp_path}",
+            f"diffusion.model={model_dir}",
+            "tracking.enabled=false",
+            "synthesize.steps=2",
+            "synthesize.images_per_class=2",
+            "synthesize.control_per_class=1",
+            "synthesize.preview_per_class=1",
+            *more,
+        ],
+    )
+    layout = layout_for(params)
+    rng = np.random.default_rng(0)
+    labels = np.arange(200) % 100
+    write_image_folder(layout.id_train, rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8), labels)
+    save_arrays(layout.embeddings, embeddings=rng.normal(size=(200, 32)).astype(np.float32), labels=labels)
+    save_arrays(layout.outliers, outliers=rng.normal(size=(100, 2, 32)).astype(np.float32), labels=np.arange(100))
+    return params, layout
+
+
+def test_synthesize_renders_each_outlier_embedding_as_several_rgb_images(tmp_path, tiny_sd_dir, monkeypatch):
+    params, layout = _paper_run(tmp_path, tiny_sd_dir, "synthesize.images_per_embedding=2", "synthesize.save_size=24")
+    calls = []
+    render = synthesize.render
+
+    def recording_render(pipe, params, names, labels, vectors, noise_ids, desc):
+        images = render(pipe, params, names, labels, vectors, noise_ids, desc)
+        calls.append((labels, vectors, noise_ids, images))
+        return images
+
+    monkeypatch.setattr(synthesize, "render", recording_render)
+    synthesize.main(params)
+
+    labels, vectors, noise_ids, rendered = calls[0]
+    assert rendered.shape == (200, 24, 24, 3)
+    # Images 2k and 2k+1 share class k's first outlier embedding but not their starting noise.
+    assert labels.tolist() == np.repeat(np.arange(100), 2).tolist()
+    outliers = load_arrays(layout.outliers)["outliers"]
+    np.testing.assert_array_equal(vectors[0::2], outliers[:, 0])
+    np.testing.assert_array_equal(vectors[1::2], outliers[:, 0])
+    assert len(set(noise_ids.tolist())) == 200
+    assert not np.array_equal(rendered[0], rendered[1])
+    images, saved_labels = load_images(layout.synthetic_images)
+    assert images.shape == (200, 24, 24, 3) and np.bincount(saved_labels).tolist() == [2] * 100
+    with Image.open(layout.synthetic_images / "99" / "1.png") as png:
+        assert png.mode == "RGB" and png.size == (24, 24)
+    np.testing.assert_array_equal(images, rendered)
+
+
+def test_an_images_pixels_do_not_depend_on_the_batch_size(tiny_sd_dir):
+    names = list(get_benchmark("cifar100").class_names)
+    pipe = load_pipeline(tiny_sd_dir)
+    labels = np.array([0, 0, 5, 5, 9])
+    vectors = np.random.default_rng(0).normal(size=(5, 32)).astype(np.float32)
+    rendered = []
+    for batch_size in (1, 2, 5):
+        params = load_params("configs/cifar100.yaml", overrides=["synthesize.steps=2", "synthesize.save_size=64", f"synthesize.batch_size={batch_size}"])
+        rendered.append(synthesize.render(pipe, params, names, labels, vectors, np.arange(5), "test"))
+    assert rendered[0].shape == (5, 64, 64, 3)
+    for other in rendered[1:]:
+        assert np.abs(other.astype(int) - rendered[0]).max() <= 1  # float rounding in a batched UNet at most
