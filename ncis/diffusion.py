@@ -149,8 +149,11 @@ def class_token_id(pipe: StableDiffusionPipeline, class_name: str) -> int:
     return ids[0]
 
 
-def tokenize_prompts(pipe: StableDiffusionPipeline, template: str, class_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids [B, L] of `template.format(name)` and the position of each class token [B]."""
+def tokenize_prompts(
+    pipe: StableDiffusionPipeline, template: str, class_names: list[str], token_names: list[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, L] of `template.format(name)` and the position of each class token [B]: the
+    first token of `token_names[b]` (default: of the class name itself) where it occurs in row b."""
     if "{}" not in template:
         raise UserError(f"prompt {template!r} has no '{{}}' where the class name goes; e.g. 'An image of a {{}}'")
     prompts = [template.format(name) for name in class_names]
@@ -160,10 +163,11 @@ def tokenize_prompts(pipe: StableDiffusionPipeline, template: str, class_names: 
     ids = tokens.input_ids
     # The class token follows the template's prefix (+1 for the start token).
     expected = len(pipe.tokenizer(template.split("{}")[0], add_special_tokens=False).input_ids) + 1
-    targets = {name: class_token_id(pipe, name) for name in set(class_names)}
+    token_names = class_names if token_names is None else token_names
+    targets = {name: class_token_id(pipe, name) for name in set(token_names)}
     positions = []
-    for row, name in zip(ids.tolist(), class_names):
-        target, position = targets[name], expected
+    for row, name, token_name in zip(ids.tolist(), class_names, token_names):
+        target, position = targets[token_name], expected
         if position >= len(row) or row[position] != target:
             position = row.index(target) if target in row else -1
         if position < 0:

@@ -11,9 +11,6 @@ Work is saved in chunks as they finish; a stopped run resumes at the first missi
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,20 +34,16 @@ from ncis.diffusion import (
     tokenize_prompts,
 )
 from ncis.errors import UserError
-from ncis.io import files_signature, load_arrays, save_arrays, write_json
+from ncis.io import load_arrays, save_arrays, write_json
 from ncis.layout import layout_for
-from ncis.runtime import resolve_device
+from ncis.resume import claim, work_key
+from ncis.runtime import item_generator, resolve_device
 
 
 @dataclass
 class InversionResult:
     vectors: torch.Tensor  # [B, D]
     losses: torch.Tensor  # [B], mean epsilon MSE of the last step
-
-
-def image_noise_generators(seed: int, indices: list[int]) -> list[torch.Generator]:
-    """One generator per image, keyed by (seed, image index): batching cannot change an image's noise."""
-    return [torch.Generator().manual_seed(seed * 1_000_003 + index) for index in indices]
 
 
 # float16 gradients of a mean over many latent pixels underflow: the loss is scaled before the
@@ -117,21 +110,20 @@ def _scaled_backward(image_losses, vectors: torch.Tensor, scale: float) -> tuple
         scale /= 2
 
 
-def _fingerprint(params: Params) -> str:
-    """Chunks are reused only for the same inputs and settings (a retrained local model counts as new)."""
+def _work_key(params: Params, images: Path) -> str:
+    """Chunks are reused only by the same work: settings, model files and training images alike
+    (a hub model changes no local file, but a re-prepared dataset does)."""
+    benchmark = get_benchmark(params.benchmark)
     source = model_source(params)
-    key = json.dumps(
-        {
-            "embed": params.embed.model_dump(),
-            "model": source,
-            "model_files": files_signature(Path(source)),
-            "precision": str(resolve_dtype(params.embed.dtype, resolve_device(params.device))),  # auto: per device
-            "seed": params.seed,
-            "benchmark": params.benchmark,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    settings = {
+        "embed": params.embed.model_dump(),
+        "model": source,
+        "precision": str(resolve_dtype(params.embed.dtype, resolve_device(params.device))),  # auto: per device
+        "seed": params.seed,
+        "benchmark": params.benchmark,
+        "token_names": benchmark.token_names,
+    }
+    return work_key(settings, {"model": Path(source), "images": images})
 
 
 def main(params: Params) -> dict:
@@ -139,11 +131,15 @@ def main(params: Params) -> dict:
     layout = layout_for(params)
     benchmark = get_benchmark(params.benchmark)
     device = resolve_device(params.device)
+
+    # 1. The model, and the training images at its resolution: the original files where the
+    #    benchmark keeps them (ImageNet-100: the paper resizes and crops the JPEGs to 512).
     pipe = load_for_params(params, device, cfg.dtype)
     side = resolution(pipe)
     mode = "RGB" if image_channels(pipe) == 3 else "L"
+    images_folder = layout.id_train_originals if benchmark.keeps_originals else layout.id_train
     dataset = image_folder(
-        layout.id_train,
+        images_folder,
         transform=transforms.Compose(
             [transforms.Lambda(lambda im: im.convert(mode)), transforms.Resize(side), transforms.CenterCrop(side), transforms.ToTensor()]
         ),
@@ -153,19 +149,16 @@ def main(params: Params) -> dict:
     picked = np.unique(np.linspace(0, len(dataset) - 1, count).round().astype(int))
     count = len(picked)
     labels_all = np.asarray(dataset.targets, dtype=np.int64)[picked]
-    class_names = list(benchmark.class_names)
-    ids_per_class, positions_per_class = tokenize_prompts(pipe, cfg.prompt, class_names)
+
+    # 2. The prompt per class in the paper's words, and the token each image's vector starts from.
+    token_names = list(benchmark.token_names)
+    ids_per_class, positions_per_class = tokenize_prompts(pipe, cfg.prompt, token_names)
     table = token_embedding_table(pipe).weight.detach().float().cpu()
-    class_tokens = table[ids_per_class[torch.arange(len(class_names)), positions_per_class]]
+    class_tokens = table[ids_per_class[torch.arange(len(token_names)), positions_per_class]]
 
+    # 3. Invert chunk by chunk; chunks of this same work (settings, model, images) are resumed.
     chunks = layout.embed_dir / "chunks"
-    fingerprint = _fingerprint(params)
-    stamp = chunks / "fingerprint.txt"
-    if chunks.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
-        shutil.rmtree(chunks)  # settings changed: earlier chunks are not this run's work
-    chunks.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fingerprint)
-
+    claim(chunks, _work_key(params, images_folder))
     starts = list(range(0, count, cfg.chunk_size))
     progress = tqdm(total=count, desc="embed: textual inversion", unit="img")
     for start in starts:
@@ -187,7 +180,7 @@ def main(params: Params) -> dict:
                 ids_per_class[labels],
                 positions_per_class[labels],
                 class_tokens[labels],
-                image_noise_generators(params.seed, picked[indices].tolist()),
+                [item_generator(params.seed, index) for index in picked[indices].tolist()],
                 cfg,
             )
             vectors.append(result.vectors)

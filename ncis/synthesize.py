@@ -24,23 +24,28 @@ from ncis.datasets import get_benchmark, load_images, write_image_folder
 from ncis.diffusion import encode_text, generate, image_channels, initial_latents, load_for_params, tokenize_prompts
 from ncis.io import atomic_path, load_arrays, write_json
 from ncis.layout import layout_for
-from ncis.runtime import resolve_device
+from ncis.runtime import item_generator, resolve_device
 
 DIAGNOSTIC_IMAGES = 5000  # ID images the diagnostic classifier is fitted on, at most
 
 
-def render(pipe, params: Params, class_names: list[str], labels: np.ndarray, vectors: np.ndarray, noise_ids: np.ndarray, desc: str) -> np.ndarray:
-    """Generate one image per (label, vector) row, its starting noise keyed by `noise_ids`; uint8 [N, S, S, C]."""
+def render(pipe, params: Params, benchmark, labels: np.ndarray, vectors: np.ndarray, noise_ids: np.ndarray, desc: str) -> np.ndarray:
+    """Generate one image per (label, vector) row, its starting noise keyed by `noise_ids`; uint8 [N, S, S, C].
+
+    The prompt names the class in the paper's words (`prompt_names`, e.g. "aquarium fish"); the
+    vector replaces the token `embed` inverted (first token of `token_names`, e.g. "fish")."""
     cfg = params.synthesize
     if len(labels) == 0:
         return np.zeros((0, cfg.save_size, cfg.save_size, image_channels(pipe)), np.uint8)
     out = []
     for start in tqdm(range(0, len(labels), cfg.batch_size), desc=desc, unit="batch"):
         rows = slice(start, start + cfg.batch_size)
-        ids, positions = tokenize_prompts(pipe, cfg.prompt, [class_names[c] for c in labels[rows]])
+        ids, positions = tokenize_prompts(
+            pipe, cfg.prompt, [benchmark.prompt_names[c] for c in labels[rows]], [benchmark.token_names[c] for c in labels[rows]]
+        )
         with torch.no_grad():
             embeds = encode_text(pipe, ids, positions, torch.from_numpy(vectors[rows]))
-        generators = [torch.Generator().manual_seed(params.seed * 1_000_003 + int(n)) for n in noise_ids[rows]]
+        generators = [item_generator(params.seed, int(n)) for n in noise_ids[rows]]
         images = generate(pipe, embeds, cfg.steps, cfg.guidance_scale, initial_latents(pipe, generators, cfg.noise_scale), cfg.scheduler)
         out.append(_to_uint8(images, cfg.save_size))
     return np.concatenate(out)
@@ -79,7 +84,6 @@ def main(params: Params) -> dict:
     cfg = params.synthesize
     layout = layout_for(params)
     benchmark = get_benchmark(params.benchmark)
-    class_names = list(benchmark.class_names)
     pool = load_arrays(layout.outliers)
     outliers = pool["outliers"]  # [C, M, D]
     classes, per_pool = outliers.shape[:2]
@@ -88,7 +92,7 @@ def main(params: Params) -> dict:
     vectors = outliers[labels, picks]
 
     pipe = load_for_params(params, resolve_device(params.device), cfg.dtype)
-    images = render(pipe, params, class_names, labels, vectors, np.arange(len(labels)), "synthesize: outliers")
+    images = render(pipe, params, benchmark, labels, vectors, np.arange(len(labels)), "synthesize: outliers")
 
     # Control: the class's own inverted embeddings, each with the starting noise of one outlier
     # of its class, so the pair differs only by the embedding.
@@ -99,7 +103,7 @@ def main(params: Params) -> dict:
     control_labels = labels[paired]
     members = [np.flatnonzero(embedded["labels"] == c) for c in range(classes)]
     control_vectors = embedded["embeddings"][[rng.choice(members[c]) for c in control_labels]] if len(paired) else vectors[:0]
-    control = render(pipe, params, class_names, control_labels, control_vectors, paired, "synthesize: control")
+    control = render(pipe, params, benchmark, control_labels, control_vectors, paired, "synthesize: control")
 
     side = min(cfg.save_size, 32)
     id_images, id_labels = load_images(layout.id_train, benchmark.channels, side, limit=DIAGNOSTIC_IMAGES, seed=params.seed)

@@ -50,7 +50,7 @@ from ncis.io import atomic_path, load_state, load_weights, read_json, read_safet
 from ncis.layout import layout_for
 from ncis.metrics import auroc
 from ncis.resume import claim, work_key
-from ncis.runtime import resolve_device, seed_everything, single_cpu_thread
+from ncis.runtime import item_generator, resolve_device, seed_everything, single_cpu_thread
 from ncis.scores import energy_score
 
 NORMALISATION_IMAGES = 5000  # mean/std are estimated on at most this many ID training images
@@ -151,7 +151,7 @@ class NoiseImages(Dataset):
         return self.count
 
     def __getitem__(self, index: int):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        generator = item_generator(self.seed, index)
         if index % 2:
             image = torch.rand(self.shape, generator=generator)
         else:

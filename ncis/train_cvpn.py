@@ -12,7 +12,6 @@ The checkpoint with the best held-out invariant MSE is kept (the training set's 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch

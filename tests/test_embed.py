@@ -13,6 +13,7 @@ from ncis.diffusion import encode_images, load_pipeline, token_embedding_table, 
 from ncis.errors import UserError
 from ncis.io import load_arrays
 from ncis.layout import layout_for
+from ncis.runtime import item_generator
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -44,9 +45,9 @@ def test_an_images_vector_does_not_depend_on_its_batch(tmp_path, untrained_pipel
     init = token_embedding_table(pipe).weight[ids[torch.arange(4), positions]].detach()
     latents = encode_images(pipe, torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)))
 
-    together = embed.invert(pipe, latents, ids, positions, init, embed.image_noise_generators(0, [0, 1, 2, 3]), params.embed)
+    together = embed.invert(pipe, latents, ids, positions, init, [item_generator(0, i) for i in range(4)], params.embed)
     alone = [
-        embed.invert(pipe, latents[i : i + 1], ids[i : i + 1], positions[i : i + 1], init[i : i + 1], embed.image_noise_generators(0, [i]), params.embed)
+        embed.invert(pipe, latents[i : i + 1], ids[i : i + 1], positions[i : i + 1], init[i : i + 1], [item_generator(0, i)], params.embed)
         for i in range(4)
     ]
     assert torch.allclose(together.vectors, torch.cat([a.vectors for a in alone]), atol=1e-5)
@@ -86,20 +87,25 @@ def test_embed_without_prepared_data_says_what_to_run(tmp_path, untrained_pipeli
         embed.main(_params(tmp_path, untrained_pipeline_dir))
 
 
-def test_saved_chunks_are_keyed_by_the_model_files(tmp_path, untrained_pipeline_dir):
-    """A retrained model (same folder, new files) must not reuse embeddings of the old one."""
+def test_saved_chunks_are_keyed_by_the_model_files_and_the_training_images(tmp_path, untrained_pipeline_dir):
+    """A retrained model (same folder, new files) or a re-prepared dataset must not reuse the old chunks."""
     import shutil
 
     model_dir = tmp_path / "model"
     shutil.copytree(untrained_pipeline_dir, model_dir)
+    images = tmp_path / "train"
+    write_image_folder(images, np.zeros((2, 8, 8, 1), np.uint8), np.array([0, 1]))
     params = _params(tmp_path, model_dir)
-    before = embed._fingerprint(params)
-    assert embed._fingerprint(params) == before
+    before = embed._work_key(params, images)
+    assert embed._work_key(params, images) == before
     weights = next(model_dir.rglob("*.safetensors"))
     weights.write_bytes(weights.read_bytes() + b"\0")
-    assert embed._fingerprint(params) != before
-    # A hub id (no local folder) still gets a fingerprint, from the settings alone.
-    assert embed._fingerprint(_params(tmp_path, "CompVis/stable-diffusion-v1-4"))
+    assert embed._work_key(params, images) != before
+    # A hub model changes no local file: the training images alone must tell a re-prepared dataset.
+    hub = _params(tmp_path, "CompVis/stable-diffusion-v1-4")
+    key = embed._work_key(hub, images)
+    write_image_folder(images, np.full((2, 8, 8, 1), 255, np.uint8), np.array([1, 0]))
+    assert embed._work_key(hub, images) != key
 
 
 # --- Stable Diffusion's shape: textual inversion through a VAE ----------------------------------
@@ -168,7 +174,7 @@ def test_half_precision_inversion_keeps_vectors_and_loss_in_float32(tmp_path, ti
         with torch.no_grad():
             latents = encode_images(pipe, images)
         assert latents.dtype == precision
-        result = embed.invert(pipe, latents, ids, positions, init, embed.image_noise_generators(0, [0, 1]), params.embed)
+        result = embed.invert(pipe, latents, ids, positions, init, [item_generator(0, i) for i in range(2)], params.embed)
         results[precision] = result, result.vectors - init.float()
     (half, half_move), (full, full_move) = results[dtype], results[torch.float32]
     assert half.vectors.dtype == half.losses.dtype == torch.float32

@@ -92,8 +92,8 @@ def test_embeddings_far_from_the_class_token_draw_less_of_the_class(trained_digi
     scale = np.linalg.norm(tokens, axis=1).mean()
     far = tokens[labels] + rng.normal(size=(len(labels), tokens.shape[1])).astype(np.float32) * scale
     noise_ids = np.arange(len(labels))
-    own = render(pipe, params, names, labels, tokens[labels], noise_ids, "own")
-    moved = render(pipe, params, names, labels, far, noise_ids, "moved")
+    own = render(pipe, params, get_benchmark("digits"), labels, tokens[labels], noise_ids, "own")
+    moved = render(pipe, params, get_benchmark("digits"), labels, far, noise_ids, "moved")
     train_x, train_y = load_images(layout.id_train, channels=1)
     classifier = fit_pixel_classifier(train_x, train_y)
     own_fraction, moved_fraction = in_class_fraction(classifier, own, labels), in_class_fraction(classifier, moved, labels)
@@ -142,8 +142,8 @@ def test_synthesize_renders_each_outlier_embedding_as_several_rgb_images(tmp_pat
     calls = []
     render = synthesize.render
 
-    def recording_render(pipe, params, names, labels, vectors, noise_ids, desc):
-        images = render(pipe, params, names, labels, vectors, noise_ids, desc)
+    def recording_render(pipe, params, benchmark, labels, vectors, noise_ids, desc):
+        images = render(pipe, params, benchmark, labels, vectors, noise_ids, desc)
         calls.append((labels, vectors, noise_ids, images))
         return images
 
@@ -167,14 +167,13 @@ def test_synthesize_renders_each_outlier_embedding_as_several_rgb_images(tmp_pat
 
 
 def test_an_images_pixels_do_not_depend_on_the_batch_size(tiny_sd_dir):
-    names = list(get_benchmark("cifar100").class_names)
     pipe = load_pipeline(tiny_sd_dir)
     labels = np.array([0, 0, 5, 5, 9])
     vectors = np.random.default_rng(0).normal(size=(5, 32)).astype(np.float32)
     rendered = []
     for batch_size in (1, 2, 5):
         params = load_params("configs/cifar100.yaml", overrides=["synthesize.steps=2", "synthesize.save_size=64", f"synthesize.batch_size={batch_size}"])
-        rendered.append(synthesize.render(pipe, params, names, labels, vectors, np.arange(5), "test"))
+        rendered.append(synthesize.render(pipe, params, get_benchmark("cifar100"), labels, vectors, np.arange(5), "test"))
     assert rendered[0].shape == (5, 64, 64, 3)
     for other in rendered[1:]:
         assert np.abs(other.astype(int) - rendered[0]).max() <= 1  # float rounding in a batched UNet at most
