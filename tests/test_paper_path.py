@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ncis.datasets import image_folder
 from ncis.diffusion import load_pipeline, resolution
 from ncis.errors import UserError
 
@@ -185,8 +186,9 @@ def _tiny_run(tmp_path, model_dir, data_root, params_file, *more) -> list[str]:
     return args
 
 
-def _check_every_boundary(outputs: Path, benchmark: str, image_size: int, ood_sets: set[str], text_width: int) -> None:
-    from ncis.datasets import load_images
+def _check_every_boundary(outputs: Path, benchmark: str, image_size: int, ood_sets: set[str], text_width: int, model_dir: Path) -> None:
+    from ncis.datasets import get_benchmark, load_images
+    from ncis.diffusion import load_pipeline, token_embedding_table
     from ncis.io import load_arrays
 
     train, train_labels = load_images(outputs / "data" / "train")
@@ -194,6 +196,12 @@ def _check_every_boundary(outputs: Path, benchmark: str, image_size: int, ood_se
     embedded = load_arrays(outputs / "embed" / "embeddings.npz")
     assert embedded["embeddings"].shape == (100 * PER_CLASS, text_width)
     np.testing.assert_array_equal(embedded["labels"], train_labels)
+    # Each class's vectors start from the paper's token (first token of token_names: 'fish' for
+    # aquarium_fish), not from the dataset name's first token.
+    pipe = load_pipeline(model_dir)
+    first_tokens = [pipe.tokenizer(name, add_special_tokens=False).input_ids[0] for name in get_benchmark(benchmark).token_names]
+    table = token_embedding_table(pipe).weight.detach().numpy()
+    np.testing.assert_array_equal(embedded["class_tokens"], table[first_tokens])
     assert (outputs / "cvpn" / "model.safetensors").exists()
     assert load_arrays(outputs / "sample" / "outliers.npz")["outliers"].shape == (100, 2, text_width)
     images, labels = load_images(outputs / "synthesize" / "images")
@@ -260,13 +268,18 @@ def test_ncis_run_with_the_cifar100_config_goes_from_raw_data_to_metrics(tmp_pat
     monkeypatch.setattr(torchvision.datasets.svhn, "check_integrity", lambda *args, **kwargs: True)
     fake_cifar100(tmp_path / "datasets")
     assert main(_tiny_run(tmp_path, tiny_sd_dir, tmp_path / "datasets", "configs/cifar100.yaml")) == 0
-    _check_every_boundary(tmp_path / "outputs", "cifar100", 32, {"svhn", "places365", "lsun", "isun", "textures"}, 32)
+    _check_every_boundary(tmp_path / "outputs", "cifar100", 32, {"svhn", "places365", "lsun", "isun", "textures"}, 32, tiny_sd_dir)
 
 
 @pytest.mark.slow
-def test_ncis_run_with_the_imagenet100_config_goes_from_raw_data_to_metrics(tmp_path, tiny_sd_dir):
+def test_ncis_run_with_the_imagenet100_config_goes_from_raw_data_to_metrics(tmp_path, tiny_sd_dir, monkeypatch):
+    from ncis import embed
     from ncis.cli import main
 
+    read = []
+    monkeypatch.setattr(embed, "image_folder", lambda folder, **kw: read.append(Path(folder)) or image_folder(folder, **kw))
     fake_imagenet100(tmp_path / "datasets")
     assert main(_tiny_run(tmp_path, tiny_sd_dir, tmp_path / "datasets", "configs/imagenet100.yaml")) == 0
-    _check_every_boundary(tmp_path / "outputs", "imagenet100", 224, {"inaturalist", "sun", "places", "textures"}, 32)
+    _check_every_boundary(tmp_path / "outputs", "imagenet100", 224, {"inaturalist", "sun", "places", "textures"}, 32, tiny_sd_dir)
+    # embed inverts the original JPEGs (the paper's 512 view), not the stored 224 crops
+    assert read == [tmp_path / "outputs" / "data" / "train_originals"]
