@@ -120,18 +120,21 @@ def split_digits(test_fraction: float, seed: int):
 
 
 def match_histogram(shape: np.ndarray, reference: np.ndarray, rng: np.random.Generator, tiebreak: np.ndarray | None = None) -> np.ndarray:
-    """`shape` [8, 8] (any scale, brighter = more ink) given exactly `reference`'s pixel values.
+    """`shape` [8, 8] (any scale, brighter = more ink) given exactly `reference`'s pixel values;
+    a stack of shapes [K, 8, 8] gives one image per shape.
 
     The brightest pixel of `shape` takes the reference's largest value, and so on down. Ties are
     broken by a blurred copy (so a flat region keeps its shape's outline), then by `tiebreak`
     (default: drawn from `rng`).
     """
-    shape = np.asarray(shape, np.float64)
-    tiebreak = rng.random(shape.shape) if tiebreak is None else tiebreak
-    order = np.lexsort((tiebreak.ravel(), gaussian_filter(shape, 1.0).ravel(), shape.ravel()))
-    matched = np.empty(shape.size, reference.dtype)
-    matched[order] = np.sort(reference.ravel())
-    return matched.reshape(shape.shape)
+    shapes = np.asarray(shape, np.float64)
+    tiebreak = rng.random(shapes.shape[-2:]) if tiebreak is None else tiebreak
+    flat = shapes.reshape(-1, shapes.shape[-2] * shapes.shape[-1])
+    blurred = _blur(shapes, 1.0).reshape(flat.shape)
+    order = np.lexsort((np.broadcast_to(tiebreak.ravel(), flat.shape), blurred, flat), axis=-1)
+    matched = np.empty(flat.shape, reference.dtype)
+    np.put_along_axis(matched, order, np.sort(reference.ravel())[None], axis=-1)
+    return matched.reshape(shapes.shape)
 
 
 def local_contrast(images: np.ndarray) -> np.ndarray:
@@ -146,12 +149,12 @@ def match_local_contrast(shape: np.ndarray, reference: np.ndarray, rng: np.rando
     tiebreak, roughness = rng.random(shape.shape), rng.standard_normal(shape.shape)
     shape = np.asarray(shape, np.float64)
     shape = (shape - shape.mean()) / (shape.std() or 1.0)
-    candidates = [
-        *(gaussian_filter(shape, sigma) for sigma in BLUR_LADDER),
+    candidates = np.stack([
+        *(_blur(shape, sigma) for sigma in BLUR_LADDER),
         shape,
         *(shape + amount * roughness for amount in ROUGHEN_LADDER),
-    ]
-    matched = np.stack([match_histogram(candidate, reference, rng, tiebreak) for candidate in candidates])
+    ])
+    matched = match_histogram(candidates, reference, rng, tiebreak)
     return matched[np.argmin(np.abs(local_contrast(matched) - local_contrast(reference)))]
 
 
@@ -325,6 +328,12 @@ VALIDATION = OodSplit("validation", LETTERS[1::2], ("grace_hopper",), ("rings", 
 def _rng(seed: int, name: str) -> np.random.Generator:
     # crc32, not hash(): Python salts string hashes per process, which would break determinism.
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def _blur(images: np.ndarray, sigma: float) -> np.ndarray:
+    """scipy's `gaussian_filter` of each image of a stack [..., H, W] (none across images)."""
+    images = np.asarray(images, np.float64)
+    return gaussian_filter(images, sigma=(0.0,) * (images.ndim - 2) + (sigma, sigma))
 
 
 def _font_path(name: str) -> Path:
