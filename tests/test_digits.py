@@ -109,7 +109,7 @@ def test_digits_has_near_and_far_test_sets_and_the_same_validation_sets(digits):
 def intensity_features(images: np.ndarray) -> np.ndarray:
     """Per image: its sorted pixel values (= its histogram) and its local contrast."""
     flat = np.sort(images.reshape(len(images), -1), axis=1).astype(np.float64)
-    return np.column_stack([flat, digits_module.local_contrast(images)])
+    return np.column_stack([flat, digits_module.local_contrast(images)]) / 16  # levels 0..16 -> 0..1
 
 
 def intensity_auroc(train: np.ndarray, test: np.ndarray, ood: np.ndarray) -> float:
