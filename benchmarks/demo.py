@@ -7,11 +7,12 @@
 3. Both side by side, per OOD set, per group and on average (test sets; the validation average
    beside them): printed, written to `<outputs>/comparison.txt` and logged to MLflow.
 
-In MLflow the whole demo is one `demo` run (tag `ncis.stage=demo`) holding the pipeline run and
-the baseline run (with its `train-classifier` and `evaluate` runs); the `demo` run itself carries
-every evaluation metric of both classifiers as `ncis/<name>` and `no_outliers/<name>`, where
-`<name>` is the evaluate run's metric name (`auroc/letters`, `auroc/average`, `auroc/val_average`,
-`id_accuracy`, ...), and the table as the artifact `comparison.txt`.
+In MLflow: two pipeline runs named as `ncis run` names them (`digits-cvpn-monotone-seed0` with
+its seven stage runs, `digits-none-monotone-seed0` with `train-classifier` and `evaluate`), so
+`ncis compare` and the UI list both; then a `<name>/demo` run (tag `ncis.stage=demo`) carrying
+every evaluation metric of both classifiers as `ncis/<metric name>` and `no_outliers/<metric
+name>` (the evaluate run's names: `auroc/letters`, `auroc/average`, `auroc/val_average`,
+`id_accuracy`, ...) and the table as the artifact `comparison.txt`.
 
     python benchmarks/demo.py [--params FILE] [--set section.key=value ...] [--no-tracking]
 """
@@ -25,14 +26,15 @@ from pathlib import Path
 
 from ncis import tracking
 from ncis.config import load_params
-from ncis.errors import UserError
-from ncis.evaluate import validation_metrics
+from ncis.errors import UserError, one_line
 from ncis.io import atomic_path
 from ncis.layout import layout_for
-from ncis.metrics import METRIC_NAMES
+from ncis.lock import exclusive_outputs
 from ncis.pipeline import run_pipeline, stage_function
+from ncis.signals import exit_code, in_stage, interrupted_message, stop_signals_interrupt
 
-BASELINE = "baseline"  # subfolder of the outputs folder, and MLflow run name
+BASELINE = "baseline"  # subfolder of the outputs folder
+BASELINE_STAGES = ("train-classifier", "evaluate")
 COLUMN = 9
 
 
@@ -45,16 +47,25 @@ def load_both(params_file: str | None, overrides: list[str]):
     return params, baseline
 
 
-def run_baseline(params, baseline) -> dict:
+def run_name(params, params_file: str | None) -> str:
+    """The name `ncis run` gives these params (what differs from the params file as written)."""
+    try:
+        written = load_params(params_file)
+    except UserError:
+        written = None
+    return tracking.run_name(params, baseline=written)
+
+
+def run_baseline(params, baseline, name: str) -> dict:
     """`train-classifier` and `evaluate` of the baseline, on the pipeline's data; its metrics."""
     data, linked = layout_for(params).data, layout_for(baseline).data
     linked.parent.mkdir(parents=True, exist_ok=True)
     if not linked.is_symlink():
         linked.symlink_to(Path("..") / data.name, target_is_directory=True)
-    with tracking.stage_run(baseline, BASELINE):
-        for name in ("train-classifier", "evaluate"):
-            with tracking.stage_run(baseline, name):
-                stage_function(name)(baseline)
+    with tracking.pipeline_run(baseline, name):
+        for stage in BASELINE_STAGES:
+            with tracking.stage_run(baseline, stage), in_stage(stage):
+                stage_function(stage)(baseline)
     return read_metrics(layout_for(baseline).metrics)
 
 
@@ -64,17 +75,11 @@ def read_metrics(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def mlflow_metrics(metrics: dict) -> dict[str, float]:
-    """Every number of one metrics.json under the evaluate run's MLflow names."""
-    groups = {f"{m}/average_{group}": entry[m] for group, entry in metrics["groups"].items() for m in METRIC_NAMES}
-    return {**tracking.evaluation_metrics(metrics), **groups, **validation_metrics(metrics)}
-
-
 def comparison_metrics(ncis: dict, baseline: dict) -> dict[str, float]:
     """`ncis/<name>` and `no_outliers/<name>` for every evaluation metric of both classifiers."""
     return {
-        **{f"ncis/{name}": value for name, value in mlflow_metrics(ncis).items()},
-        **{f"no_outliers/{name}": value for name, value in mlflow_metrics(baseline).items()},
+        **{f"ncis/{name}": value for name, value in tracking.evaluation_metrics(ncis).items()},
+        **{f"no_outliers/{name}": value for name, value in tracking.evaluation_metrics(baseline).items()},
     }
 
 
@@ -101,32 +106,47 @@ def comparison_table(ncis: dict, baseline: dict) -> str:
     return "\n".join(lines)
 
 
+def demo(params, baseline, params_file: str | None) -> str:
+    """The three steps; returns the table."""
+    name = run_name(params, params_file)
+    # 1. the pipeline, as `ncis run` (its own top-level run, which `ncis compare` lists)
+    run_pipeline(params, name)
+    ncis_metrics = read_metrics(layout_for(params).metrics)
+    # 2. the same classifier without outliers (a second pipeline run)
+    baseline_metrics = run_baseline(params, baseline, run_name(baseline, params_file))
+    # 3. side by side
+    table = comparison_table(ncis_metrics, baseline_metrics)
+    path = Path(params.outputs) / "comparison.txt"
+    with atomic_path(path) as tmp:
+        tmp.write_text(table + "\n")
+    with tracking.stage_run(params, "demo", name):
+        tracking.log_metrics(comparison_metrics(ncis_metrics, baseline_metrics))
+        tracking.log_artifact(path)
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=None, metavar="FILE", help="parameter file (default: params.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     args = parser.parse_args(argv)
+    restore_signals = stop_signals_interrupt()  # SIGTERM/SIGHUP stop it like Ctrl-C, as `ncis run`
     try:
         params, baseline = load_both(args.params, [*args.overrides, *(["tracking.enabled=false"] if args.no_tracking else [])])
-        with tracking.stage_run(params, "demo"):
-            # 1. the pipeline, as `ncis run`
-            run_pipeline(params)
-            ncis_metrics = read_metrics(layout_for(params).metrics)
-            # 2. the same classifier without outliers
-            baseline_metrics = run_baseline(params, baseline)
-            # 3. side by side
-            table = comparison_table(ncis_metrics, baseline_metrics)
-            path = Path(params.outputs) / "comparison.txt"
-            with atomic_path(path) as tmp:
-                tmp.write_text(table + "\n")
-            tracking.log_metrics(comparison_metrics(ncis_metrics, baseline_metrics))
-            tracking.log_artifact(path)
+        # One process per outputs folder (the baseline's lies inside it), as `ncis run`.
+        with exclusive_outputs(params.outputs, command="benchmarks/demo.py " + " ".join(sys.argv[1:] if argv is None else argv)):
+            table = demo(params, baseline, args.params)
         print("\n" + table)
         return 0
     except UserError as err:
-        print(f"demo: error: {err}", file=sys.stderr)
+        print(f"demo: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        print(interrupted_message(err), file=sys.stderr)
+        return exit_code(err)
+    finally:
+        restore_signals()
 
 
 if __name__ == "__main__":
