@@ -141,6 +141,13 @@ def test_ncis_run_goes_from_nothing_to_metrics_and_tracks_every_stage(tmp_path, 
     wanted = {"id_accuracy": report["id_accuracy"]}
     for name, entry in [*report["ood"].items(), ("average", report["average"])] + [(f"average_{g}", e) for g, e in report["groups"].items()]:
         wanted.update({f"{metric}/{name}": entry[metric] for metric in METRICS})
+    validation = report["validation"]  # the validation OOD sets: `<metric>/val_<set>`, ...
+    for name, entry in [
+        *((f"val_{s}", e) for s, e in validation["ood"].items()),
+        ("val_average", validation["average"]),
+        *((f"val_average_{g}", e) for g, e in validation["groups"].items()),
+    ]:
+        wanted.update({f"{metric}/{name}": entry[metric] for metric in METRICS})
     assert logged == pytest.approx(wanted, abs=1e-12)
     assert "diffusion/train_loss" in children["prepare"].data.metrics
     artifacts = {a.path for a in client.list_artifacts(children["synthesize"].info.run_id)}
