@@ -180,7 +180,7 @@ def best_on_validation(rows: dict, label) -> str:
     if not means:
         return ""
     best = max(means, key=means.get)
-    return f"Highest validation AUROC (the one to choose): {label(best)} ({100 * means[best]:.1f}).\n"
+    return f"Highest validation AUROC: {label(best)} ({100 * means[best]:.1f}).\n"
 
 
 def main() -> None:

@@ -59,7 +59,7 @@ FONT_FILES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf")
 ROTATED_CLASSES = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 FLIPS = {"upside_down": (4, 6, 7, 9), "mirrored": (2, 3, 4, 5, 6, 7, 9)}
 # Overlaid pairs left out: a 1 is a stroke that most digits contain (its pairs are the ones the
-# same measurement finds near a digit, up to 7% for 1 on 8), and a 3 or 4 inside an 8 or 9.
+# same measurement finds near a digit, up to 7% for 1 on 8), and 3 with 8 or 9, 4 with 8 (up to 3%).
 OVERLAY_EXCLUDED = frozenset({*((1, b) for b in range(2, 10)), (0, 1), (3, 8), (3, 9), (4, 8)})
 
 
@@ -94,7 +94,8 @@ def prepare_data(params, layout: Layout) -> None:
 
 
 def make_ood_set(name: str, split: OodSplit, seed: int, count: int, id_digits: dict) -> np.ndarray:
-    """uint8 [count, 8, 8, 1]: the set's shapes, each with the pixel values of a random training digit.
+    """uint8 [count, 8, 8, 1]: the set's shapes, each with the pixel values of a random training digit
+    (and, but for the sets in OWN_LOCAL_CONTRAST, its local contrast).
 
     `id_digits`: {"train": (levels [N, 8, 8], labels), "test": ...}, levels 0..16.
     """
