@@ -14,8 +14,9 @@ $(BIN)/ncis: pyproject.toml
 
 env: $(BIN)/ncis
 
+# `ncis run`, then the same classifier trained without outliers, side by side (benchmarks/demo.py).
 demo: env
-	$(BIN)/ncis run
+	$(BIN)/python benchmarks/demo.py
 
 test: env
 	$(BIN)/python -m pytest -q

@@ -3,9 +3,12 @@
 One shared `prepare` + `embed` (the tiny diffusion model and the embeddings are fixed), then
 for every seed and variant the later stages (`train-cvpn` where needed, `sample`,
 `synthesize`, `train-classifier`, `evaluate`) run with `seed=<s>`; the table reports mean ± std
-over seeds of the average FPR95 / AUROC over the OOD sets, per-set AUROC, and ID accuracy, as
-measured. The table goes to <outputs>/results.md; with --readme also to docs/results.md and
-between the README's results markers.
+over seeds, as measured: first the validation OOD sets' average FPR95 / AUROC (the columns to
+choose on: `Benchmark.validation_ood_sets`), then the test sets' average FPR95 / AUROC, per
+group and per set, and ID accuracy (the columns to report). Below the table, the row with the
+highest validation AUROC. The table goes to <outputs>/results.md; with --readme also to
+docs/results.md and between the README's results markers. When no variant needs synthetic
+images (`none`, `noise`), the shared base holds only the data: no tiny model, no embeddings.
 
     python benchmarks/results.py --readme               # none, cvpn, linear, knn; 3 seeds
     python benchmarks/results.py --variants none cvpn linear knn noise --heads free monotone
@@ -27,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ncis.config import load_params
+from ncis.datasets import get_benchmark
 from ncis.errors import UserError
 from ncis.layout import layout_for
 from ncis.pipeline import stage_function
@@ -42,6 +46,7 @@ VARIANTS = {
     "knn": ["sample.method=knn", "classifier.outliers=ncis"],
 }
 SHARED = ("data", "diffusion", "embed")  # outputs every run reuses from the base run
+SYNTHETIC = ("cvpn", "linear", "knn")  # variants whose outliers the tiny model draws
 
 
 def run(stages: list[str], params) -> None:
@@ -67,7 +72,7 @@ def variant_run(base: Path, out: Path, overrides: list[str], variant: str, outli
         return read_report(out)
     link(base, out, SHARED)
     stages = ["train-classifier", "evaluate"]
-    if variant in ("cvpn", "linear", "knn"):
+    if variant in SYNTHETIC:
         if outliers_from is not None:
             link(outliers_from, out, ("cvpn", "sample", "synthesize"))
         else:
@@ -96,14 +101,20 @@ def read_report(out: Path) -> dict:
     return report
 
 
-def prepare_base(root: Path, common: list[str], base_from: str | None, reuse: list[str]) -> Path:
-    """<root>/base: the diffusion model and embeddings every run of `root` shares; what `base_from`
-    provides (`reuse`) is linked, the rest computed."""
+def prepare_base(root: Path, common: list[str], base_from: str | None, reuse: list[str], generator: bool = True) -> Path:
+    """<root>/base: the data, diffusion model and embeddings every run of `root` shares; what
+    `base_from` provides (`reuse`) is linked, the rest computed. `generator` False: the data alone
+    (enough for the `none` and `noise` variants), without training the tiny model."""
     base = root / "base"
     base_params = load_params(overrides=[*common, f"outputs={base}"])
     own_folder(base, base_params.model_dump(include={"benchmark", "seed", "data", "diffusion", "embed"}))
     if base_from:
         link(Path(base_from), base, reuse)
+    if not generator:
+        if not (base / "data").exists():
+            # The data part of `prepare` alone: the same function, the same files.
+            get_benchmark(base_params.benchmark).prepare_data(base_params, layout_for(base_params))
+        return base
     if not (base / "diffusion" / "model_index.json").exists():
         run(["prepare"], base_params)
     if not (base / "embed" / "embeddings.npz").exists():
@@ -128,23 +139,48 @@ def mean_std(values: list[float], percent: bool = True, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
+def validation_mean_std(runs: list[dict], metric: str) -> str:
+    """mean ± std of the validation average of `metric`; "–" for runs made without validation sets."""
+    if not all("validation" in r for r in runs):
+        return "–"
+    return mean_std([r["validation"]["average"][metric] for r in runs])
+
+
 def table(reports: dict[tuple[str, str], list[dict]]) -> str:
-    sets = list(next(iter(reports.values()))[0]["ood"])
-    header = "| outliers | head | FPR95 ↓ | AUROC ↑ | " + " | ".join(f"AUROC {s}" for s in sets) + " | ID acc. | in-class ↓ |"
+    """Validation columns (to choose on), then test columns (to report), then diagnostics."""
+    first = next(iter(reports.values()))[0]
+    sets, groups = list(first["ood"]), list(first["groups"])
+    header = (
+        "| outliers | head | val FPR95 ↓ | val AUROC ↑ | FPR95 ↓ | AUROC ↑ | "
+        + " | ".join([*(f"AUROC {g}" for g in groups), *(f"AUROC {s}" for s in sets)])
+        + " | ID acc. | in-class ↓ |"
+    )
     lines = [header, "|" + " --- |" * (header.count("|") - 1)]
     for (variant, head), runs in reports.items():
         in_class = [r["diagnostics"]["outlier_in_class_fraction"] for r in runs if "diagnostics" in r]
         cells = [
             variant,
             head,
+            validation_mean_std(runs, "fpr95"),
+            validation_mean_std(runs, "auroc"),
             mean_std([r["average"]["fpr95"] for r in runs]),
             mean_std([r["average"]["auroc"] for r in runs]),
+            *[mean_std([r["groups"][g]["auroc"] for r in runs]) for g in groups],
             *[mean_std([r["ood"][s]["auroc"] for r in runs]) for s in sets],
             mean_std([r["id_accuracy"] for r in runs]),
             mean_std(in_class) if in_class else "–",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def best_on_validation(rows: dict, label) -> str:
+    """The sentence naming the row (`label(key)`) with the highest mean validation AUROC, or "" without validation sets."""
+    means = {key: np.mean([r["validation"]["average"]["auroc"] for r in runs]) for key, runs in rows.items() if all("validation" in r for r in runs)}
+    if not means:
+        return ""
+    best = max(means, key=means.get)
+    return f"Highest validation AUROC: {label(best)} ({100 * means[best]:.1f}).\n"
 
 
 def main() -> None:
@@ -161,7 +197,7 @@ def main() -> None:
 
     common = ["tracking.enabled=false", *args.overrides]
     root = Path(args.outputs)
-    base = prepare_base(root, common, args.base, args.reuse)
+    base = prepare_base(root, common, args.base, args.reuse, generator=any(v in SYNTHETIC for v in args.variants))
     default_head = load_params(overrides=common).classifier.energy_head
 
     reports: dict[tuple[str, str], list[dict]] = {}
@@ -184,7 +220,8 @@ def main() -> None:
         + [f"--set {o}" for o in args.overrides]
         + (["--readme"] if args.readme else [])
     )
-    body = f"Regenerate with `{command.strip()}` ({len(args.seeds)} seeds; mean ± std in %).\n\n{text}\n"
+    choice = best_on_validation(reports, lambda key: " / ".join(key))
+    body = f"Regenerate with `{command.strip()}` ({len(args.seeds)} seeds; mean ± std in %).\n\n{text}\n" + (f"\n{choice}" if choice else "")
     print("\n" + body)
     (root / "results.md").write_text(body)
     if args.readme:

@@ -2,7 +2,8 @@
 
 For each finished run folder (`<outputs>/<variant>-<head>-seed<s>`), `evaluate` runs once per
 score in a sibling folder that links the run's data and classifier, so the run's own
-metrics.json is left as it was. Prints mean ± std over seeds of the average AUROC / FPR95.
+metrics.json is left as it was. Prints mean ± std over seeds of the validation sets' average
+FPR95 / AUROC (to choose a score on), then the test sets' average, per group and per set (to report).
 
     python benchmarks/scores.py [--outputs outputs/results] [--scores energy msp mahalanobis knn]
 """
@@ -15,10 +16,10 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
+from results import mean_std, validation_mean_std
 
-from ncis.pipeline import stage_function
 from ncis.config import load_params
+from ncis.pipeline import stage_function
 
 RUN = re.compile(r"^(?P<variant>\w+)-(?P<head>\w+)-seed(?P<seed>\d+)$")
 
@@ -43,16 +44,32 @@ def main() -> None:
                 stage_function("evaluate")(params)
             table[(match["variant"], match["head"], score)].append(json.loads((out / "metrics.json").read_text()))
 
-    print("\n| outliers | head | score | FPR95 ↓ | AUROC ↑ | AUROC letters |\n| --- | --- | --- | --- | --- | --- |")
-    for (variant, head, score), reports in table.items():
-        def cell(values):
-            values = 100 * np.asarray(values)
-            return f"{values.mean():.1f} ± {values.std(ddof=1) if len(values) > 1 else 0:.1f}"
+    print("\n" + score_table(table))
 
-        print(
-            f"| {variant} | {head} | {score} | {cell([r['average']['fpr95'] for r in reports])} | "
-            f"{cell([r['average']['auroc'] for r in reports])} | {cell([r['ood']['letters']['auroc'] for r in reports])} |"
-        )
+
+def score_table(table: dict[tuple[str, str, str], list[dict]]) -> str:
+    first = next(iter(table.values()))[0]
+    sets, groups = list(first["ood"]), list(first["groups"])
+    header = (
+        "| outliers | head | score | val FPR95 ↓ | val AUROC ↑ | FPR95 ↓ | AUROC ↑ | "
+        + " | ".join([*(f"AUROC {g}" for g in groups), *(f"AUROC {s}" for s in sets)])
+        + " |"
+    )
+    lines = [header, "|" + " --- |" * (header.count("|") - 1)]
+    for (variant, head, score), reports in table.items():
+        cells = [
+            variant,
+            head,
+            score,
+            validation_mean_std(reports, "fpr95"),
+            validation_mean_std(reports, "auroc"),
+            mean_std([r["average"]["fpr95"] for r in reports]),
+            mean_std([r["average"]["auroc"] for r in reports]),
+            *[mean_std([r["groups"][g]["auroc"] for r in reports]) for g in groups],
+            *[mean_std([r["ood"][s]["auroc"] for r in reports]) for s in sets],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

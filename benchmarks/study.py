@@ -2,16 +2,20 @@
 
 Every setting of a sweep is NCIS (cVPN sampler, the params.yaml head) with that one change,
 run with several seeds by the machinery of `results.py`; `--set` pins settings for every run
-(the published study ran at guidance 3 with the free head, the defaults before the study). A setting
+(the first study, before digits had validation sets, ran pinned at guidance 3 with the free head). A setting
 reuses what its change does not touch: a sampler or guidance change reuses the reference
 runs' diffusion model and embeddings, an inversion change re-embeds, a token-noise change
 retrains the model (one model per setting, shared by its seeds).
 
-Each sweep's table (mean ± std over seeds) goes to <outputs>/<sweep>.md and, with --publish,
-between the `<!-- study:<sweep>:start/end -->` markers of docs/digits-study.md.
+Each sweep's table (mean ± std over seeds) shows the validation OOD sets' average AUROC first
+(`Benchmark.validation_ood_sets`: the columns a default is chosen on; the setting with the
+highest is named below the table), then the test sets' (reported, never chosen on). A setting
+equal to the reference (e.g. guidance 1 when params.yaml says 1) is the reference row. The table
+goes to <outputs>/<sweep>.md and, with --publish, between the `<!-- study:<sweep>:start/end -->`
+markers of docs/digits-study.md.
 
-    python benchmarks/study.py --set synthesize.guidance_scale=3 --set classifier.energy_head=free --publish
-    python benchmarks/study.py --sweeps guidance --seeds 0                     # one sweep, one seed
+    python benchmarks/study.py --publish                                       # every sweep, 3 seeds
+    python benchmarks/study.py --sweeps guidance energy_head --seeds 0         # two sweeps, one seed
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from results import ROOT, SHARED, VARIANTS, mean_std, prepare_base, variant_run, write_between_markers
+from results import ROOT, SHARED, VARIANTS, best_on_validation, mean_std, prepare_base, validation_mean_std, variant_run, write_between_markers
 
 from ncis.config import load_params
 
@@ -62,7 +66,13 @@ SWEEPS = {sweep.name: sweep for sweep in (
         "guidance",
         "How strongly must generation follow the (outlier) prompt?",
         SHARED,
-        (("synthesize.guidance_scale=1",), (), ("synthesize.guidance_scale=7.5",)),
+        (("synthesize.guidance_scale=1",), ("synthesize.guidance_scale=3",), (), ("synthesize.guidance_scale=7.5",)),
+    ),
+    Sweep(
+        "energy_head",
+        "Should the energy head be free to reverse, or monotone?",
+        SHARED,
+        ((), ("classifier.energy_head=free",), ("classifier.energy_head=monotone",)),
     ),
     Sweep(
         "starting_noise",
@@ -71,7 +81,11 @@ SWEEPS = {sweep.name: sweep for sweep in (
         ((), ("synthesize.noise_scale=1.5",)),
     ),
 )}
-COLUMNS = ("in-class, outliers ↓", "in-class, control", "paired L2", "Mahalanobis ratio", "FPR95 ↓", "AUROC ↑", "Δ AUROC", "AUROC letters", "ID acc.")
+COLUMNS = (
+    "in-class, outliers ↓", "in-class, control", "paired L2", "Mahalanobis ratio",
+    "val AUROC ↑", "Δ val AUROC",  # to choose on
+    "FPR95 ↓", "AUROC ↑", "Δ AUROC", "AUROC near", "ID acc.",  # to report
+)
 
 
 def folder_name(overrides: tuple[str, ...]) -> str:
@@ -107,10 +121,23 @@ def run_setting(sweep: Sweep, overrides: tuple[str, ...], seeds: list[int], outp
     ]
 
 
+def same_as_reference(overrides: tuple[str, ...], pinned: list[str]) -> bool:
+    """The setting changes nothing: its params equal the reference's (e.g. the default value)."""
+    return bool(overrides) and load_params(overrides=[*pinned, *overrides]) == load_params(overrides=pinned)
+
+
+def paired_delta(reports: list[dict], reference: list[dict], metric) -> str:
+    """mean ± std over seeds of `metric(run) - metric(reference run of the same seed)`; "–" if undefined."""
+    try:
+        return mean_std([metric(r) - metric(ref) for r, ref in zip(reports, reference)])
+    except KeyError:
+        return "–"
+
+
 def sweep_table(sweep: Sweep, rows: dict[tuple[str, ...], list[dict]], pinned: list[str]) -> str:
-    """One row per setting. Δ AUROC is the difference to the reference run of the same seed: seeds
-    share the classifier's initialisation and data order, which move AUROC more than most knobs."""
-    reference = [r["average"]["auroc"] for r in rows[()]]
+    """One row per setting. Δ is the difference to the reference run of the same seed: seeds share
+    the classifier's initialisation and data order, which move AUROC more than most knobs."""
+    reference = rows[()]
     lines = [
         "| setting | shift from token | invariants | cVPN rec. / PCA | " + " | ".join(COLUMNS) + " |",
         "|" + " --- |" * (len(COLUMNS) + 4),
@@ -126,10 +153,12 @@ def sweep_table(sweep: Sweep, rows: dict[tuple[str, ...], list[dict]], pinned: l
             mean_std([d["control_in_class_fraction"] for d in diagnostics]),
             mean_std([d["paired_outlier_control_distance"] for d in diagnostics], percent=False, digits=2),
             mean_std([d["outlier_mahalanobis_ratio"] for d in diagnostics], percent=False, digits=2),
+            validation_mean_std(reports, "auroc"),
+            paired_delta(reports, reference, lambda r: r["validation"]["average"]["auroc"]) if overrides else "–",
             mean_std([r["average"]["fpr95"] for r in reports]),
             mean_std([r["average"]["auroc"] for r in reports]),
-            mean_std([r["average"]["auroc"] - d for r, d in zip(reports, reference)]) if overrides else "–",
-            mean_std([r["ood"]["letters"]["auroc"] for r in reports]),
+            paired_delta(reports, reference, lambda r: r["average"]["auroc"]) if overrides else "–",
+            mean_std([r["groups"]["near"]["auroc"] for r in reports]),
             mean_std([r["id_accuracy"] for r in reports]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -147,9 +176,14 @@ def main() -> None:
 
     for name in args.sweeps:
         sweep = SWEEPS[name]
-        rows = {o: run_setting(sweep, o, args.seeds, Path(args.outputs), args.pinned) for o in sweep.settings}
+        settings = [o for o in sweep.settings if not same_as_reference(o, args.pinned)]
+        rows = {o: run_setting(sweep, o, args.seeds, Path(args.outputs), args.pinned) for o in settings}
         command = " ".join(["python benchmarks/study.py", f"--sweeps {name}", f"--seeds {' '.join(map(str, args.seeds))}", *[f"--set {o}" for o in args.pinned]])
-        text = f"{sweep.question} `{command}` ({len(args.seeds)} seeds; mean ± std, % unless a ratio or distance):\n\n{sweep_table(sweep, rows, args.pinned)}\n"
+        choice = best_on_validation(rows, lambda o: setting_label(o) if o else reference_label(sweep, args.pinned))
+        text = (
+            f"{sweep.question} `{command}` ({len(args.seeds)} seeds; mean ± std, % unless a ratio or distance):\n\n"
+            f"{sweep_table(sweep, rows, args.pinned)}\n" + (f"\n{choice}" if choice else "")
+        )
         print(f"\n## {name}\n\n{text}", flush=True)
         (Path(args.outputs) / name).mkdir(parents=True, exist_ok=True)
         (Path(args.outputs) / f"{name}.md").write_text(text)

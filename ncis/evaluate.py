@@ -1,11 +1,15 @@
 """evaluate: ID accuracy and FPR95 / AUROC / AUPR of the trained classifier against every OOD test set.
 
 Writes metrics.json (the form ARCHITECTURE.md fixes, plus per-group averages), logs the
-same numbers to MLflow, prints a table and draws score histograms and ROC curves.
+same numbers to MLflow, prints a table and draws score histograms and ROC curves. A benchmark
+with validation OOD sets (digits) also gets them scored against the same ID test images, in
+metrics.json's "validation" block and MLflow's `<metric>/val_<set>`: the numbers to choose
+settings on, so that the test sets are only ever reported.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from pathlib import Path
@@ -71,14 +75,20 @@ def build_metrics(benchmark, score: str, id_accuracy: float, id_scores: np.ndarr
     }
 
 
-def format_table(metrics: dict) -> str:
+def validation_block(benchmark, id_scores: np.ndarray, validation_scores: dict) -> dict:
+    """metrics.json's "validation": per set, average and per group, as for the test sets."""
+    as_test = build_metrics(dataclasses.replace(benchmark, ood_sets=benchmark.validation_ood_sets), "", 0.0, id_scores, validation_scores)
+    return {key: as_test[key] for key in ("ood", "average", "groups")}
+
+
+def format_table(metrics: dict, title: str | None = None) -> str:
     header = f"{'OOD set':<14}{'group':<7}" + "".join(f"{h:>10}" for h in ("FPR95", "AUROC", "AUPR-In", "AUPR-Out"))
 
     def row(label: str, group: str, entry: dict) -> str:
         return f"{label:<14}{group:<7}" + "".join(f"{100 * entry[m]:>10.2f}" for m in METRIC_NAMES)
 
     lines = [
-        f"{metrics['benchmark']}: score {metrics['score']}, ID accuracy {100 * metrics['id_accuracy']:.2f}% (metrics in %)",
+        title or f"{metrics['benchmark']}: score {metrics['score']}, ID accuracy {100 * metrics['id_accuracy']:.2f}% (metrics in %)",
         header,
         "-" * len(header),
         *(row(name, entry["group"], entry) for name, entry in metrics["ood"].items()),
@@ -137,6 +147,7 @@ def main(params) -> dict:
     transform = eval_transform(benchmark)
     # Check every input exists before the (possibly long) scoring starts.
     folders = {"ID test": layout.id_test, **{name: layout.ood(name) for name in benchmark.ood_sets}}
+    folders.update({f"validation {name}": layout.ood_val(name) for name in benchmark.validation_ood_sets})
     for folder in folders.values():
         open_images(folder, None, "prepare")
 
@@ -151,12 +162,22 @@ def main(params) -> dict:
         subset = ood_subset(count, len(id_result["scores"]), settings.ood_fraction, params.seed, name)
         what = f"OOD set {name!r}"
         ood_scores[name] = _scores(model, scorer, layout.ood(name), transform, settings.batch_size, device, what, subset)["scores"]
+    validation_scores = {}
+    for name in benchmark.validation_ood_sets:
+        count = len(open_images(layout.ood_val(name), None, "prepare"))
+        subset = ood_subset(count, len(id_result["scores"]), settings.ood_fraction, params.seed, f"validation/{name}")
+        what = f"validation OOD set {name!r}"
+        validation_scores[name] = _scores(model, scorer, layout.ood_val(name), transform, settings.batch_size, device, what, subset)["scores"]
     id_accuracy = accuracy(id_result["logits"], id_result["labels"])
     metrics = build_metrics(benchmark, settings.score, id_accuracy, id_result["scores"], ood_scores)
+    if validation_scores:
+        metrics["validation"] = validation_block(benchmark, id_result["scores"], validation_scores)
 
     write_json(layout.metrics, metrics)
     tracking.log_evaluation(metrics)  # also on the pipeline run; names: tracking.evaluation_metrics
     print(format_table(metrics))
+    if validation_scores:
+        print("\n" + format_table({**metrics, **metrics["validation"]}, "validation OOD sets (for choosing settings; against the same ID test images)"))
     write_plots(layout.plots, settings.score, id_result["scores"], ood_scores, metrics)
     tracking.log_artifact(layout.metrics)
     tracking.log_artifact(layout.plots)

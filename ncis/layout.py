@@ -31,6 +31,10 @@ class Layout:
     def ood(self, name: str) -> Path:
         return self.data / "ood" / name
 
+    def ood_val(self, name: str) -> Path:
+        """A validation OOD set (`Benchmark.validation_ood_sets`): for choosing settings, never for reporting."""
+        return self.data / "ood_val" / name
+
     @property
     def tiny_diffusion(self) -> Path:
         return self.root / "diffusion"

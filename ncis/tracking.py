@@ -105,11 +105,17 @@ def log_classifier_model(model, example_images, name: str = "classifier"):
 
 def evaluation_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     """metrics.json -> MLflow metric names, all of them built here: `<metric>/<set>`, `<metric>/average`,
-    `<metric>/average_<group>` (metric: fpr95, auroc, aupr_in, aupr_out) and `id_accuracy`."""
+    `<metric>/average_<group>` (metric: fpr95, auroc, aupr_in, aupr_out) and `id_accuracy`; for the
+    validation OOD sets (metrics.json's "validation", if any) `<metric>/val_<set>`, `<metric>/val_average`,
+    `<metric>/val_average_<group>`."""
+    validation = report.get("validation") or {}
     sections = [
         *report.get("ood", {}).items(),
         ("average", report.get("average", {})),
         *((f"average_{group}", values) for group, values in report.get("groups", {}).items()),
+        *((f"val_{name}", values) for name, values in validation.get("ood", {}).items()),
+        ("val_average", validation.get("average", {})),
+        *((f"val_average_{group}", values) for group, values in validation.get("groups", {}).items()),
     ]
     metrics = {"id_accuracy": report["id_accuracy"]}
     for section, values in sections:

@@ -46,3 +46,39 @@ def test_every_study_setting_is_a_valid_params_override_and_has_its_own_folder()
         assert len(set(names)) == len(names)
         for setting in sweep.settings:
             load_params(overrides=list(setting))  # raises UserError on a typo
+
+
+def report(test_auroc: float, val_auroc: float | None) -> dict:
+    """A metrics.json with two test sets (one near, one far) and, unless None, a validation block."""
+    entry = lambda auroc: {"fpr95": 1 - auroc, "auroc": auroc, "aupr_in": auroc, "aupr_out": auroc}  # noqa: E731
+    metrics = {
+        "id_accuracy": 0.99,
+        "ood": {"letters": {"group": "near", **entry(test_auroc)}, "noise": {"group": "far", **entry(test_auroc)}},
+        "average": entry(test_auroc),
+        "groups": {"near": entry(test_auroc), "far": entry(test_auroc)},
+    }
+    if val_auroc is not None:
+        metrics["validation"] = {"ood": {}, "average": entry(val_auroc), "groups": {}}
+    return metrics
+
+
+def test_tables_show_validation_columns_to_choose_on_before_test_columns():
+    reports = {("none", "free"): [report(0.9, 0.5), report(0.9, 0.5)], ("cvpn", "free"): [report(0.6, 0.8), report(0.6, 0.8)]}
+    header, _, none_row, cvpn_row = results.table(reports).splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[2:8] == ["val FPR95 ↓", "val AUROC ↑", "FPR95 ↓", "AUROC ↑", "AUROC near", "AUROC far"]
+    assert [c.strip() for c in cvpn_row.strip("|").split("|")][2:6] == ["20.0 ± 0.0", "80.0 ± 0.0", "40.0 ± 0.0", "60.0 ± 0.0"]
+    # Chosen on validation, whatever the test sets say.
+    assert results.best_on_validation(reports, " / ".join).startswith("Highest validation AUROC: cvpn / free (80.0)")
+    # Runs made before validation sets existed show "–" and choose nothing.
+    old = {("none", "free"): [report(0.9, None)]}
+    assert "| – | – |" in results.table(old) and results.best_on_validation(old, str) == ""
+
+
+def test_a_sweep_value_equal_to_the_reference_is_the_reference_row():
+    head = load_params().classifier.energy_head
+    assert study.same_as_reference((f"classifier.energy_head={head}",), [])
+    other = "free" if head == "monotone" else "monotone"
+    assert not study.same_as_reference((f"classifier.energy_head={other}",), [])
+    assert study.same_as_reference((f"classifier.energy_head={other}",), [f"classifier.energy_head={other}"])
+    assert not study.same_as_reference((), [])  # the reference itself is no duplicate

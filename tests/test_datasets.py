@@ -1,4 +1,5 @@
-"""Benchmark data preparation: digits for real, CIFAR-100 / ImageNet-100 on tiny fakes."""
+"""Benchmark data preparation: CIFAR-100 / ImageNet-100 on tiny fakes, and the image folders every benchmark uses
+(digits: tests/test_digits.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from PIL import Image
 
 from ncis.config import load_params
 from ncis.datasets import get_benchmark, image_folder, load_images, prompt_words, write_image_folder
-from ncis.datasets import digits as digits_module
 from ncis.errors import UserError
 from ncis.layout import layout_for
 
@@ -26,107 +26,7 @@ def prepare(outputs: Path, *overrides: str):
     return params, layout
 
 
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    params, layout = prepare(tmp_path_factory.mktemp("digits"))
-    train = load_images(layout.id_train, channels=1)
-    test = load_images(layout.id_test, channels=1)
-    ood = {name: load_images(layout.ood(name), channels=1)[0] for name in get_benchmark("digits").ood_sets}
-    return params, layout, train, test, ood
-
-
-# --- digits ---------------------------------------------------------------------------------
-
-
-def test_digits_images_are_8x8_grayscale_on_the_digits_17_levels(digits):
-    _, _, (train_x, _), (test_x, _), ood = digits
-    levels = set(np.round(np.arange(17) * 255 / 16).astype(np.uint8).tolist())
-    for images in [train_x, test_x, *ood.values()]:
-        assert images.dtype == np.uint8 and images.shape[1:] == (8, 8, 1)
-        assert set(np.unique(images).tolist()) <= levels
-    assert train_x.min() == 0 and train_x.max() == 255
-    assert len(train_x) + len(test_x) == 1797
-
-
-def test_digits_split_is_stratified_and_covers_every_class(digits):
-    params, _, (_, train_y), (_, test_y), _ = digits
-    train_counts, test_counts = np.bincount(train_y, minlength=10), np.bincount(test_y, minlength=10)
-    assert (train_counts > 0).all() and (test_counts > 0).all() and len(train_counts) == len(test_counts) == 10
-    expected = (train_counts + test_counts) * params.data.test_fraction
-    assert np.abs(test_counts - expected).max() <= 1
-
-
-def test_digits_train_and_test_share_no_image(digits):
-    _, _, (train_x, _), (test_x, _), _ = digits
-    train_rows = {row.tobytes() for row in train_x.reshape(len(train_x), -1)}
-    test_rows = {row.tobytes() for row in test_x.reshape(len(test_x), -1)}
-    assert not train_rows & test_rows
-    assert len(train_rows) + len(test_rows) == 1797  # the bundled digits hold no duplicates
-
-
-def test_digits_ood_sets_have_ood_size_images_in_class_folder_0(digits):
-    _, layout, _, _, ood = digits
-    assert sorted(ood) == ["letters", "noise", "photos", "textures"]
-    for name, images in ood.items():
-        assert len(images) == OOD_SIZE
-        assert [p.name for p in layout.ood(name).iterdir()] == ["0"]
-
-
-@pytest.mark.parametrize("name", ["letters", "photos", "textures", "noise"])
-def test_digits_ood_sets_are_told_apart_from_id(digits, name):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-
-    _, _, (train_x, _), (test_x, _), ood = digits
-    images, half = ood[name], OOD_SIZE // 2
-    flat = lambda x: x.reshape(len(x), -1) / 255.0  # noqa: E731
-    fit_x = np.concatenate([flat(train_x), flat(images[:half])])
-    fit_y = np.r_[np.zeros(len(train_x)), np.ones(half)]
-    detector = LogisticRegression(max_iter=1000, class_weight="balanced").fit(fit_x, fit_y)
-    scores = detector.decision_function(np.concatenate([flat(test_x), flat(images[half:])]))
-    assert roc_auc_score(np.r_[np.zeros(len(test_x)), np.ones(OOD_SIZE - half)], scores) > 0.9
-
-
-def test_digits_letters_are_styled_like_the_digits(digits):
-    # Bright strokes on a black background with about the digits' amount of ink, so that
-    # "near" is about shape, not brightness.
-    _, _, (train_x, _), _, ood = digits
-    letters = ood["letters"].astype(np.float64)
-    assert abs(letters.mean() - train_x.mean()) < 0.25 * train_x.mean()
-    assert letters[:, :, [0, -1]].mean() < 0.3 * letters.mean()  # outer columns are background
-
-
-def test_digits_prepare_is_deterministic_for_a_seed(digits, tmp_path):
-    _, layout, _, _, _ = digits
-    _, again = prepare(tmp_path / "same")
-    assert folder_bytes(again.data) == folder_bytes(layout.data)
-    _, other = prepare(tmp_path / "other", "seed=1")
-    for folder in ["train", "test", "ood/letters", "ood/photos", "ood/textures", "ood/noise"]:
-        assert folder_bytes(other.data / folder) != folder_bytes(layout.data / folder)
-
-
-def test_interrupted_digits_prepare_leaves_no_partial_data(tmp_path, monkeypatch):
-    def broken(rng, count):
-        raise RuntimeError("interrupted")
-
-    # `noise` is written last, so everything else is already on disk when it fails.
-    monkeypatch.setitem(digits_module.OOD_GENERATORS, "noise", broken)
-    with pytest.raises(RuntimeError, match="interrupted"):
-        prepare(tmp_path)
-    assert list(tmp_path.iterdir()) == []  # neither `data` nor a temporary folder
-
-    monkeypatch.undo()
-    _, layout = prepare(tmp_path)
-    before = folder_bytes(layout.data)
-    monkeypatch.setitem(digits_module.OOD_GENERATORS, "noise", broken)
-    with pytest.raises(RuntimeError, match="interrupted"):
-        prepare(tmp_path, "seed=1")
-    assert folder_bytes(layout.data) == before
-    assert [p.name for p in tmp_path.iterdir()] == ["data"]
+# --- image folders (digits itself: tests/test_digits.py) -------------------------------------
 
 
 def test_image_folder_sorts_class_10_after_9(tmp_path):

@@ -17,6 +17,7 @@ from ncis.layout import layout_for
 from ncis.scores import KNNScorer, MahalanobisScorer, energy_score, msp_score, odin_score, score_loader
 
 METRICS = {"fpr95", "auroc", "aupr_in", "aupr_out"}
+SETS = list(get_benchmark("digits").ood_sets)
 
 
 def tiny_params(root, score="energy", **evaluate):
@@ -33,6 +34,8 @@ def make_tiny_benchmark(root, channels=1) -> None:
     write_image_folder(layout.id_test, rng.integers(0, 128, (20, 8, 8, 1), dtype=np.uint8), labels[:20])
     for name in get_benchmark("digits").ood_sets:
         write_image_folder(layout.ood(name), rng.integers(100, 256, (12, 8, 8, 1), dtype=np.uint8), np.zeros(12, int))
+    for name in get_benchmark("digits").validation_ood_sets:
+        write_image_folder(layout.ood_val(name), rng.integers(100, 256, (12, 8, 8, 1), dtype=np.uint8), np.zeros(12, int))
     model = build_classifier("small_cnn", 10, channels, [0.3] * channels, [0.2] * channels)
     config = {"arch": "small_cnn", "num_classes": 10, "channels": channels, "image_size": 8, "mean": [0.3] * channels, "std": [0.2] * channels}
     save_weights(layout.classifier, model, config)
@@ -148,16 +151,16 @@ def test_evaluate_scores_the_ood_subset_only(tmp_path, monkeypatch):
     scored = {}
     monkeypatch.setattr(evaluate, "write_plots", lambda folder, score, id_scores, ood_scores, metrics: scored.update(ood_scores))
     main(tiny_params(tmp_path, ood_fraction=0.25))
-    assert {name: len(scores) for name, scores in scored.items()} == dict.fromkeys(("letters", "photos", "textures", "noise"), 5)
+    assert {name: len(scores) for name, scores in scored.items()} == dict.fromkeys(SETS, 5)
     main(tiny_params(tmp_path))
     assert {len(scores) for scores in scored.values()} == {12}
 
 
 def _check_metrics_file(path, score) -> dict:
     metrics = json.loads(path.read_text())
-    assert set(metrics) == {"benchmark", "score", "id_accuracy", "ood", "average", "groups"}
+    assert set(metrics) == {"benchmark", "score", "id_accuracy", "ood", "average", "groups", "validation"}
     assert metrics["benchmark"] == "digits" and metrics["score"] == score
-    assert set(metrics["ood"]) == {"letters", "photos", "textures", "noise"}
+    assert list(metrics["ood"]) == SETS
     assert metrics["ood"]["letters"]["group"] == "near" and metrics["ood"]["noise"]["group"] == "far"
     assert list(metrics["groups"]) == ["near", "far"]
     fractions = [metrics["id_accuracy"]]
@@ -178,7 +181,7 @@ def test_evaluate_writes_metrics_plots_and_logs(tmp_path, monkeypatch, capsys):
     metrics = _check_metrics_file(layout.metrics, "energy")
     assert metrics == returned
 
-    for name in ("letters", "photos", "textures", "noise"):
+    for name in SETS:
         for metric in METRICS:
             assert logged[f"{metric}/{name}"] == metrics["ood"][name][metric]
     assert logged["fpr95/average"] == metrics["average"]["fpr95"]
@@ -189,11 +192,11 @@ def test_evaluate_writes_metrics_plots_and_logs(tmp_path, monkeypatch, capsys):
     assert {p.name for p in layout.plots.iterdir()} == {
         "roc.png",
         "roc.csv",
-        *(f"scores_{name}.png" for name in ("letters", "photos", "textures", "noise")),
+        *(f"scores_{name}.png" for name in SETS),
     }
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in layout.plots.glob("*.png"))
     curves = (layout.plots / "roc.csv").read_text().splitlines()
-    assert curves[0] == "set,fpr,tpr" and {line.split(",")[0] for line in curves[1:]} == {"letters", "photos", "textures", "noise"}
+    assert curves[0] == "set,fpr,tpr" and {line.split(",")[0] for line in curves[1:]} == set(SETS)
     assert "FPR95" in capsys.readouterr().out
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from ncis.cli import main
 from ncis.pipeline import STAGES
+from ncis.datasets import get_benchmark
 
 METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out")  # docs/contract.md
 
@@ -74,8 +75,12 @@ def recomputed_metrics(outputs: Path, batch_size: int) -> dict:
         return torch.logsumexp(torch.from_numpy(values), dim=1).numpy()  # float32, as ncis: its near-ties stay ties
 
     id_logits, id_labels = logits(outputs / "data" / "test")
-    ood = {name: metrics(energy(id_logits), energy(logits(outputs / "data" / "ood" / name)[0])) for name in get_benchmark("digits").ood_sets}
-    return {"id_accuracy": float(np.mean(id_logits.argmax(1) == id_labels)), "ood": ood}
+    benchmark = get_benchmark("digits")
+    ood = {name: metrics(energy(id_logits), energy(logits(outputs / "data" / "ood" / name)[0])) for name in benchmark.ood_sets}
+    validation = {
+        name: metrics(energy(id_logits), energy(logits(outputs / "data" / "ood_val" / name)[0])) for name in benchmark.validation_ood_sets
+    }
+    return {"id_accuracy": float(np.mean(id_logits.argmax(1) == id_labels)), "ood": ood, "validation": validation}
 
 
 def mean_of(entries: list[dict]) -> dict:
@@ -87,17 +92,20 @@ def assert_metrics_recompute(outputs: Path, report: dict, batch_size: int) -> No
     from sklearn.metrics import auc
 
     expected = recomputed_metrics(outputs, batch_size)
-    assert list(report["ood"]) == ["letters", "photos", "textures", "noise"]
+    benchmark = get_benchmark("digits")
     assert report["id_accuracy"] == pytest.approx(expected["id_accuracy"], abs=1e-12)
-    for name, entry in report["ood"].items():
-        assert entry["group"] == ("near" if name == "letters" else "far")
-        for metric in METRICS:
-            assert entry[metric] == pytest.approx(expected["ood"][name][metric], abs=1e-6), (name, metric)
-    assert report["average"] == pytest.approx(mean_of(list(expected["ood"].values())), abs=1e-6)
-    assert report["groups"] == {
-        "near": pytest.approx(expected["ood"]["letters"], abs=1e-6),
-        "far": pytest.approx(mean_of([expected["ood"][name] for name in ["photos", "textures", "noise"]]), abs=1e-6),
-    }
+    # The test sets, and the validation sets apart (metrics.json "validation"), each in the same form.
+    for block, sets, recomputed in ((report, benchmark.ood_sets, expected["ood"]), (report["validation"], benchmark.validation_ood_sets, expected["validation"])):
+        assert list(block["ood"]) == list(sets)
+        for name, entry in block["ood"].items():
+            assert entry["group"] == sets[name]
+            for metric in METRICS:
+                assert entry[metric] == pytest.approx(recomputed[name][metric], abs=1e-6), (name, metric)
+        assert block["average"] == pytest.approx(mean_of(list(recomputed.values())), abs=1e-6)
+        assert block["groups"] == {
+            group: pytest.approx(mean_of([recomputed[name] for name, g in sets.items() if g == group]), abs=1e-6)
+            for group in ("near", "far")
+        }
     # The ROC data `dvc plots` shows: each set's curve has that set's AUROC.
     rows = [line.split(",") for line in (outputs / "plots" / "roc.csv").read_text().splitlines()]
     assert rows[0] == ["set", "fpr", "tpr"]
@@ -132,6 +140,13 @@ def test_ncis_run_goes_from_nothing_to_metrics_and_tracks_every_stage(tmp_path, 
     logged = children["evaluate"].data.metrics
     wanted = {"id_accuracy": report["id_accuracy"]}
     for name, entry in [*report["ood"].items(), ("average", report["average"])] + [(f"average_{g}", e) for g, e in report["groups"].items()]:
+        wanted.update({f"{metric}/{name}": entry[metric] for metric in METRICS})
+    validation = report["validation"]  # the validation OOD sets: `<metric>/val_<set>`, ...
+    for name, entry in [
+        *((f"val_{s}", e) for s, e in validation["ood"].items()),
+        ("val_average", validation["average"]),
+        *((f"val_average_{g}", e) for g, e in validation["groups"].items()),
+    ]:
         wanted.update({f"{metric}/{name}": entry[metric] for metric in METRICS})
     assert logged == pytest.approx(wanted, abs=1e-12)
     assert "diffusion/train_loss" in children["prepare"].data.metrics

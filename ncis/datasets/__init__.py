@@ -8,7 +8,7 @@ digits, CIFAR100, ImageNet100 and synthetic outliers through the same code.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +43,10 @@ class Benchmark:
     # `Layout.id_train`, at `Layout.id_train_originals` (ImageNet-100: the paper embeds the
     # original JPEGs at 512, not the stored 224 crops).
     keeps_originals: bool = False
+    # OOD sets for choosing settings (name -> group), written by `prepare` under `Layout.ood_val`
+    # from sources disjoint from the test sets', and reported by `evaluate` apart from them.
+    # Empty: the benchmark has none (the paper's benchmarks).
+    validation_ood_sets: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("token_names", "prompt_names"):
