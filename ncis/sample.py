@@ -96,49 +96,49 @@ def sample_outliers(
     embeddings: np.ndarray,
     labels: np.ndarray,
     num_classes: int,
-    config: SampleParams,
+    settings: SampleParams,
     *,
     generator: torch.Generator,
     model: CVPN | None = None,
     device: torch.device | str = "cpu",
 ) -> dict[str, np.ndarray]:
     """`outliers` [C, rounds*keep, D], `scores` [C, rounds*keep] (lower = more outlying), `labels` [C]."""
-    if config.method == "cvpn" and model is None:
+    if settings.method == "cvpn" and model is None:
         raise ValueError("method 'cvpn' needs the trained cVPN")
     device = torch.device(device)
     with single_cpu_thread(device):
         per_class = [
-            _sample_class(torch.as_tensor(embeddings[labels == c]), c, config, generator, model, device)
+            _sample_class(torch.as_tensor(embeddings[labels == c]), c, settings, generator, model, device)
             for c in range(num_classes)
         ]
     return {
         "outliers": torch.stack([kept for kept, _ in per_class]).numpy(),
         "scores": torch.stack([scores for _, scores in per_class]).numpy(),
         "labels": np.arange(num_classes, dtype=np.int64),
-        "method": np.array(config.method),  # a plain unicode array: loads without pickle
+        "method": np.array(settings.method),  # a plain unicode array: loads without pickle
     }
 
 
-def _sample_class(points, c, config, generator, model, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_class(points, c, settings, generator, model, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept outlier embeddings [rounds*keep, D], their scores [rounds*keep]) for class `c`."""
-    if config.method == "knn":
+    if settings.method == "knn":
         selection = knn_boundary_outliers(
             points,
-            candidates=config.candidates,
-            keep=config.keep,
-            rounds=config.rounds,
-            k=config.knn_k,
-            noise=config.knn_noise,
-            boundary=config.knn_boundary,
+            candidates=settings.candidates,
+            keep=settings.keep,
+            rounds=settings.rounds,
+            k=settings.knn_k,
+            noise=settings.knn_noise,
+            boundary=settings.knn_boundary,
             generator=generator,
         )
         kept = selection.kept
     else:
-        space = points if config.method == "linear" else model(points.to(device), c)
+        space = points if settings.method == "linear" else model(points.to(device), c)
         selection = gaussian_low_density(
-            space, candidates=config.candidates, keep=config.keep, rounds=config.rounds, reg=config.reg, generator=generator
+            space, candidates=settings.candidates, keep=settings.keep, rounds=settings.rounds, reg=settings.reg, generator=generator
         )
-        kept = selection.kept if config.method == "linear" else model.inverse(selection.kept.float().to(device), c)
+        kept = selection.kept if settings.method == "linear" else model.inverse(selection.kept.float().to(device), c)
     return kept.float().cpu(), selection.kept_scores.flatten().float()
 
 

@@ -63,9 +63,9 @@ def build_tokenizer(words: list[str], folder: Path) -> CLIPTokenizer:
 
 def build_pipeline(params, class_names: list[str], templates: list[str], folder: Path) -> StableDiffusionPipeline:
     """A freshly initialised tiny pipeline (tokenizer written to `folder/tokenizer`)."""
-    cfg = params.diffusion
+    settings = params.diffusion
     tokenizer = build_tokenizer(prompt_words(templates, class_names), folder / "tokenizer")
-    width = cfg.text_width
+    width = settings.text_width
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -79,7 +79,7 @@ def build_pipeline(params, class_names: list[str], templates: list[str], folder:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    channels = tuple(cfg.unet_channels)
+    channels = tuple(settings.unet_channels)
     levels = len(channels)
     unet = UNet2DConditionModel(
         sample_size=params_image_size(params),
@@ -115,7 +115,7 @@ def params_image_size(params) -> int:
 
 def train_tiny_model(params, images: np.ndarray, labels: np.ndarray, class_names: list[str], folder: Path) -> dict:
     """Train the tiny model on uint8 images [N, H, W, 1] and save it to `folder`; returns stats."""
-    cfg = params.diffusion
+    settings = params.diffusion
     generator = torch.Generator().manual_seed(params.seed)
     torch.manual_seed(params.seed)
     templates = [params.embed.prompt, params.synthesize.prompt]
@@ -132,23 +132,23 @@ def train_tiny_model(params, images: np.ndarray, labels: np.ndarray, class_names
     empty_ids = pipe.tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids[0]
     token_table = text_encoder.get_input_embeddings()
 
-    optimizer = torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()), lr=cfg.train_lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train_steps)
+    optimizer = torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()), lr=settings.train_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.train_steps)
     losses = []
-    progress = tqdm(range(cfg.train_steps), desc="prepare: tiny diffusion model", unit="step")
+    progress = tqdm(range(settings.train_steps), desc="prepare: tiny diffusion model", unit="step")
     for step in progress:
-        index = torch.randint(len(pixels), (cfg.train_batch_size,), generator=generator)
+        index = torch.randint(len(pixels), (settings.train_batch_size,), generator=generator)
         x0, y = pixels[index], targets[index]
         template = torch.randint(len(templates), (len(index),), generator=generator)
         ids = torch.stack([prompt_ids[t][c] for t, c in zip(template.tolist(), y.tolist())])
         positions = torch.stack([prompt_positions[t][c] for t, c in zip(template.tolist(), y.tolist())])
-        dropped = torch.rand(len(index), generator=generator) < cfg.cfg_dropout
+        dropped = torch.rand(len(index), generator=generator) < settings.cfg_dropout
         ids[dropped] = empty_ids
         class_vectors = token_table(ids[torch.arange(len(ids)), positions])
-        if cfg.token_noise > 0:
+        if settings.token_noise > 0:
             # Noise on the class token teaches the UNet a continuous neighbourhood around each class
             # (not on dropped rows: their "class token" is padding of the empty prompt).
-            jitter = cfg.token_noise * torch.randn(class_vectors.shape, generator=generator)
+            jitter = settings.token_noise * torch.randn(class_vectors.shape, generator=generator)
             class_vectors = class_vectors + jitter * (~dropped)[:, None]
         with substituted_tokens(text_encoder, positions, class_vectors):
             hidden = text_encoder(ids)[0]
@@ -162,7 +162,7 @@ def train_tiny_model(params, images: np.ndarray, labels: np.ndarray, class_names
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-        if step % 50 == 0 or step == cfg.train_steps - 1:
+        if step % 50 == 0 or step == settings.train_steps - 1:
             recent = float(np.mean(losses[-50:]))
             progress.set_postfix(loss=f"{recent:.4f}")
             tracking.log_metrics({"diffusion/train_loss": recent}, step=step)
@@ -170,4 +170,4 @@ def train_tiny_model(params, images: np.ndarray, labels: np.ndarray, class_names
     text_encoder.eval()
     pipe.save_pretrained(str(folder), safe_serialization=True)
     parameters = sum(p.numel() for p in unet.parameters()) + sum(p.numel() for p in text_encoder.parameters())
-    return {"final_loss": float(np.mean(losses[-100:])), "parameters": parameters, "steps": cfg.train_steps}
+    return {"final_loss": float(np.mean(losses[-100:])), "parameters": parameters, "steps": settings.train_steps}

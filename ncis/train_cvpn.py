@@ -80,7 +80,7 @@ def fit_cvpn(
     embeddings: np.ndarray,
     labels: np.ndarray,
     num_classes: int,
-    config: CvpnParams,
+    settings: CvpnParams,
     num_invariants: int,
     *,
     seed: int = 0,
@@ -90,12 +90,12 @@ def fit_cvpn(
     """Train a cVPN with `num_invariants` invariants; keep the epoch with the lowest held-out invariant MSE."""
     device = torch.device(device)
     with single_cpu_thread(device):
-        return _fit(embeddings, labels, num_classes, config, num_invariants, seed, device, progress)
+        return _fit(embeddings, labels, num_classes, settings, num_invariants, seed, device, progress)
 
 
-def _fit(embeddings, labels, num_classes, config, num_invariants, seed, device, progress) -> FitResult:
+def _fit(embeddings, labels, num_classes, settings, num_invariants, seed, device, progress) -> FitResult:
     generator = torch.Generator().manual_seed(seed)
-    train_index, holdout_index = split_holdout(labels, config.holdout_fraction, seed)
+    train_index, holdout_index = split_holdout(labels, settings.holdout_fraction, seed)
     x = torch.as_tensor(embeddings, dtype=torch.float32, device=device)
     y = torch.as_tensor(labels, dtype=torch.long, device=device)
     x_train, y_train = x[train_index], y[train_index]
@@ -106,29 +106,29 @@ def _fit(embeddings, labels, num_classes, config, num_invariants, seed, device, 
     model = CVPN(
         dim=x.shape[1],
         num_classes=num_classes,
-        coupling_layers=config.coupling_layers,
-        hidden=config.hidden,
-        class_embedding=config.class_embedding,
+        coupling_layers=settings.coupling_layers,
+        hidden=settings.hidden,
+        class_embedding=settings.class_embedding,
         num_invariants=num_invariants,
-        activation=config.activation,
-        conditioning=config.conditioning,
-        init=config.init,
-        mean=x_train.mean(0).cpu() if config.preprocess == "center" else None,
+        activation=settings.activation,
+        conditioning=settings.conditioning,
+        init=settings.init,
+        mean=x_train.mean(0).cpu() if settings.preprocess == "center" else None,
     ).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    batches_per_epoch = -(-len(train_index) // config.batch_size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    batches_per_epoch = -(-len(train_index) // settings.batch_size)
     scheduler = torch.optim.lr_scheduler.LinearLR(
-        optimizer, start_factor=1.0, end_factor=config.lr_end_factor, total_iters=config.epochs * batches_per_epoch
+        optimizer, start_factor=1.0, end_factor=settings.lr_end_factor, total_iters=settings.epochs * batches_per_epoch
     )
 
     invariant_mse, reconstruction_mse = evaluate(model, x_select, y_select)
     history = [{"epoch": 0, f"{selected_on}_invariant_mse": invariant_mse, f"{selected_on}_reconstruction_mse": reconstruction_mse}]
     best = (invariant_mse, 0, {k: v.clone() for k, v in model.state_dict().items()})
-    epochs = tqdm(range(1, config.epochs + 1), desc="train-cvpn", unit="epoch", disable=not progress)
+    epochs = tqdm(range(1, settings.epochs + 1), desc="train-cvpn", unit="epoch", disable=not progress)
     for epoch in epochs:
         model.train()
         invariant_sum, reconstruction_sum = 0.0, 0.0
-        for batch in torch.randperm(len(train_index), generator=generator).to(device).split(config.batch_size):
+        for batch in torch.randperm(len(train_index), generator=generator).to(device).split(settings.batch_size):
             xb, yb = x_train[batch], y_train[batch]
 
             z = model(xb, yb)
@@ -137,7 +137,7 @@ def _fit(embeddings, labels, num_classes, config, num_invariants, seed, device, 
             invariant_loss.backward()
             optimizer.step()
 
-            rec_loss = reconstruction_loss(model, xb, yb, z if config.reconstruction_detach else None)
+            rec_loss = reconstruction_loss(model, xb, yb, z if settings.reconstruction_detach else None)
             optimizer.zero_grad()
             rec_loss.backward()
             optimizer.step()
@@ -191,9 +191,9 @@ def main(params: Params) -> dict:
     if dim < 2:
         raise UserError(f"{layout.embeddings}: embeddings of dimension {dim}; a cVPN needs at least 2")
 
-    config = params.cvpn
-    num_invariants = count_invariants(embeddings, labels, config.pca_variance_percent, config.invariant_rule)
-    result = fit_cvpn(embeddings, labels, num_classes, config, num_invariants, seed=params.seed, device=device)
+    settings = params.cvpn
+    num_invariants = count_invariants(embeddings, labels, settings.pca_variance_percent, settings.invariant_rule)
+    result = fit_cvpn(embeddings, labels, num_classes, settings, num_invariants, seed=params.seed, device=device)
 
     eval_index = result.holdout_index if len(result.holdout_index) else result.train_index
     x = torch.as_tensor(embeddings[eval_index], device=device)
@@ -203,9 +203,9 @@ def main(params: Params) -> dict:
 
     saved = {
         **result.model.architecture(),
-        "preprocess": config.preprocess,
-        **({"mean": result.model.center.cpu().tolist()} if config.preprocess == "center" else {}),
-        "pca_variance_percent": config.pca_variance_percent,
+        "preprocess": settings.preprocess,
+        **({"mean": result.model.center.cpu().tolist()} if settings.preprocess == "center" else {}),
+        "pca_variance_percent": settings.pca_variance_percent,
         "best_epoch": result.best_epoch,
         "selected_on": result.selected_on,
         "best_holdout_invariant_mse": result.best_invariant_mse,
