@@ -1,6 +1,6 @@
 """evaluate: ID accuracy and FPR95 / AUROC / AUPR of the trained classifier against every OOD test set.
 
-Writes metrics.json (the form ARCHITECTURE.md fixes, plus per-group averages), logs the
+Writes metrics.json (the form docs/contract.md fixes, plus group and validation averages), logs the
 same numbers to MLflow, prints a table and draws score histograms and ROC curves. A benchmark
 with validation OOD sets (digits) also gets them scored against the same ID test images, in
 metrics.json's "validation" block and MLflow's `<metric>/val_<set>`: the numbers to choose

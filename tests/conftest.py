@@ -88,6 +88,27 @@ def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+# --- the whole pipeline in seconds ------------------------------------------------------------
+
+# Every stage cut to seconds on digits; the same keys a user would --set (test_pipeline, faults).
+TINY_PIPELINE = [
+    "diffusion.train_steps=30",
+    "diffusion.unet_channels=[8, 16]",
+    "diffusion.text_width=16",
+    "data.ood_size=40",
+    "embed.image_limit=60",
+    "embed.steps=1",
+    "embed.noise_draws=2",
+    "cvpn.epochs=2",
+    "sample.candidates=40",
+    "sample.keep=2",
+    "sample.rounds=2",
+    "synthesize.steps=3",
+    "synthesize.control_per_class=1",
+    "classifier.epochs=1",
+]
+
+
 # --- tiny diffusion models ---------------------------------------------------------------------
 
 TINY_MODEL = [

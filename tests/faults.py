@@ -20,27 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
+from conftest import TINY_PIPELINE
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Every stage in seconds (as tests/test_pipeline.py), on the CPU, without MLflow.
 TINY = [
     "device=cpu",
     "tracking.enabled=false",
-    "diffusion.train_steps=30",
-    "diffusion.unet_channels=[8, 16]",
-    "diffusion.text_width=16",
-    "data.ood_size=40",
-    "embed.image_limit=60",
-    "embed.steps=1",
-    "embed.noise_draws=2",
-    "cvpn.epochs=2",
+    *TINY_PIPELINE,
     "cvpn.hidden=16",
-    "sample.candidates=40",
-    "sample.keep=2",
-    "sample.rounds=2",
-    "synthesize.steps=3",
-    "synthesize.control_per_class=1",
-    "classifier.epochs=1",
     "classifier.max_outliers=100",
 ]
 

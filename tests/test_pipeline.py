@@ -8,29 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import TINY_PIPELINE
 from ncis.cli import main
-from ncis.pipeline import STAGES
 from ncis.datasets import get_benchmark
+from ncis.pipeline import STAGES
 
 METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out")  # docs/contract.md
-
-# Every stage, each cut to seconds; the same keys a user would --set.
-TINY_PIPELINE = [
-    "diffusion.train_steps=30",
-    "diffusion.unet_channels=[8, 16]",
-    "diffusion.text_width=16",
-    "data.ood_size=40",
-    "embed.image_limit=60",
-    "embed.steps=1",
-    "embed.noise_draws=2",
-    "cvpn.epochs=2",
-    "sample.candidates=40",
-    "sample.keep=2",
-    "sample.rounds=2",
-    "synthesize.steps=3",
-    "synthesize.control_per_class=1",
-    "classifier.epochs=1",
-]
 
 
 def _cli_args(tmp_path, *more):
