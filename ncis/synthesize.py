@@ -60,14 +60,24 @@ def _to_uint8(images: torch.Tensor, size: int, antialias: bool = False) -> np.nd
     return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def outlier_rows(pool_size: int, classes: int, images_per_class: int, images_per_embedding: int) -> tuple[np.ndarray, np.ndarray]:
-    """(class, pool index) of every image to render: image k of a class renders the class's outlier
-    embedding k // images_per_embedding, cycling through the pool; images_per_class = 0 renders
-    every embedding images_per_embedding times."""
-    per_class = images_per_class or pool_size * images_per_embedding
-    labels = np.repeat(np.arange(classes), per_class)
-    picks = np.tile((np.arange(per_class) // images_per_embedding) % pool_size, classes)
-    return labels, picks
+def outlier_rows(
+    pool_size: int, classes: int, images_per_class: int, images_per_embedding: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(class, pool index) of every image to render, in groups of images_per_embedding images that
+    share one outlier embedding. images_per_class = 0 renders every embedding of the pool, in order;
+    otherwise each group's embedding is drawn at random with replacement from its class's pool, as
+    the paper's sampler does (NCIS ldm/modules/encoders/modules.py:290), seeded per class. (Taking
+    the first ones would render only the lowest-density embeddings of the first sampling round.)"""
+    if not images_per_class:
+        per_class = pool_size * images_per_embedding
+        picks = np.tile(np.arange(per_class) // images_per_embedding, classes)
+        return np.repeat(np.arange(classes), per_class), picks
+    groups = -(-images_per_class // images_per_embedding)
+    picks = [
+        np.repeat(np.random.default_rng([seed, c]).integers(pool_size, size=groups), images_per_embedding)[:images_per_class]
+        for c in range(classes)
+    ]
+    return np.repeat(np.arange(classes), images_per_class), np.concatenate(picks)
 
 
 def preview_grid(real: list[np.ndarray], fake: list[np.ndarray], path, cell: int = 32) -> None:
@@ -87,7 +97,7 @@ def main(params: Params) -> dict:
     pool = load_arrays(layout.outliers)
     outliers = pool["outliers"]  # [C, M, D]
     classes, per_pool = outliers.shape[:2]
-    labels, picks = outlier_rows(per_pool, classes, cfg.images_per_class, cfg.images_per_embedding)
+    labels, picks = outlier_rows(per_pool, classes, cfg.images_per_class, cfg.images_per_embedding, params.seed)
     per_class = len(labels) // classes
     vectors = outliers[labels, picks]
 

@@ -106,11 +106,21 @@ def test_embeddings_far_from_the_class_token_draw_less_of_the_class(trained_digi
 def test_outlier_rows_render_each_embedding_images_per_embedding_times():
     labels, picks = synthesize.outlier_rows(pool_size=3, classes=2, images_per_class=0, images_per_embedding=2)
     assert labels.tolist() == [0] * 6 + [1] * 6 and picks.tolist() == [0, 0, 1, 1, 2, 2] * 2
-    # images_per_class cuts or cycles through the pool, embedding by embedding
-    assert synthesize.outlier_rows(3, 1, 5, 2)[1].tolist() == [0, 0, 1, 1, 2]
-    assert synthesize.outlier_rows(3, 1, 8, 2)[1].tolist() == [0, 0, 1, 1, 2, 2, 0, 0]
-    # one image per embedding: the earlier meaning of images_per_class, unchanged
-    assert synthesize.outlier_rows(3, 2, 7, 1)[1].tolist() == [0, 1, 2, 0, 1, 2, 0] * 2
+
+
+
+def test_a_set_number_of_images_draws_each_groups_embedding_from_the_whole_pool():
+    """As the paper: a group of images_per_embedding images shares one embedding, drawn at random
+    (with replacement, seeded) from all of its class's pool, not the pool's first (lowest-density) ones."""
+    labels, picks = synthesize.outlier_rows(pool_size=100, classes=3, images_per_class=32, images_per_embedding=8, seed=0)
+    assert labels.tolist() == [0] * 32 + [1] * 32 + [2] * 32
+    groups = picks.reshape(3, 4, 8)
+    assert (groups == groups[..., :1]).all()  # 8 images per embedding
+    assert groups[..., 0].max() >= 4  # not the first four of the pool
+    assert not (groups[0] == groups[1]).all()  # each class draws its own
+    again, other = synthesize.outlier_rows(100, 3, 32, 8, seed=0)[1], synthesize.outlier_rows(100, 3, 32, 8, seed=1)[1]
+    assert (again == picks).all() and not (other == picks).all()
+    assert synthesize.outlier_rows(3, 1, 5, 2, seed=0)[1].size == 5  # a last, partial group
 
 
 def _paper_run(tmp_path, model_dir, *more):
