@@ -362,3 +362,14 @@ def test_imagenet100_originals_are_copied_across_file_systems(tmp_path, monkeypa
     for path, label in image_folder(layout.id_train_originals).samples:
         assert not os.path.samefile(path, sources[label, 0])
         assert Path(path).read_bytes() == sources[label, 0].read_bytes()
+
+
+def test_fitting_a_32px_image_to_32px_is_the_identity():
+    """LSUN-C and iSUN are released as 32x32 images, which the paper feeds as stored: prepare must not
+    touch their pixels (docs/paper-fidelity.md, evaluate)."""
+    from PIL import Image
+
+    from ncis.datasets.files import fit_square
+
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(fit_square(Image.fromarray(pixels), 32, 32)), pixels)
