@@ -52,7 +52,7 @@ def test_a_stopped_stage_is_killed_in_mlflow_and_a_lost_server_costs_no_outputs(
     assert child.signal(signal.SIGINT)
     assert child.wait() == 130
     [run] = MlflowClient(server.uri).search_runs([MlflowClient(server.uri).get_experiment_by_name("digits").experiment_id])
-    assert run.info.run_name == "train-cvpn" and run.info.status == "KILLED"
+    assert run.data.tags["ncis.stage"] == "train-cvpn" and run.info.status == "KILLED"
     assert not Layout(stopped).cvpn.exists()
 
     # 2. The reference: the same stage without tracking.
