@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from torch.nn import functional as F
 
 from ncis import registry, tracking, train_classifier
-from ncis.classifiers import build_classifier, load_classifier, outlier_transform, train_transform
+from ncis.classifiers import build_classifier, eval_transform, load_classifier, outlier_transform, train_transform
 from ncis.config import load_params
-from ncis.datasets import get_benchmark, write_image_folder
+from ncis.datasets import get_benchmark, load_images, write_image_folder
 from ncis.io import save_weights
 from ncis.errors import UserError
 from ncis.layout import layout_for
@@ -114,7 +114,11 @@ def test_train_classifier_writes_weights_and_per_epoch_checkpoints(tmp_path, log
     for key in ("arch", "num_classes", "channels", "image_size", "mean", "std", "energy_head", "outliers", "train_stats"):
         assert key in config
     assert set(config["energy_head"]) >= {"mode", "weight", "bias"}
-    assert json.loads((layout.classifier / "config.json").read_text()) == config
+    # The config records the params and the data it was trained on, not just whatever main returned.
+    assert (config["arch"], config["num_classes"], config["channels"], config["image_size"]) == ("small_cnn", 10, 1, 8)
+    expected_mean, expected_std = _numpy_channel_stats(load_images(layout.id_train)[0])
+    np.testing.assert_allclose(config["mean"], expected_mean, rtol=1e-6)
+    np.testing.assert_allclose(config["std"], expected_std, rtol=1e-6)
 
     checkpoints = sorted(p.name for p in layout.classifier_checkpoints.iterdir())
     assert checkpoints == ["epoch_0001", "epoch_0002", "work-key.txt"]  # the key: ncis/resume.py
@@ -126,7 +130,44 @@ def test_train_classifier_writes_weights_and_per_epoch_checkpoints(tmp_path, log
 
     model, loaded = load_classifier(layout.classifier)
     assert loaded == config
-    assert model(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+    # The saved weights are the trained ones: they reproduce the logits of the last checkpoint's model.
+    last = load_file(str(layout.classifier_checkpoints / "epoch_0002" / "state.safetensors"))
+    in_memory = build_classifier("small_cnn", 10, 1, config["mean"], config["std"])
+    in_memory.load_state_dict({k.removeprefix("model/"): v for k, v in last.items() if k.startswith("model/")})
+    images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model.eval()(images)
+        torch.testing.assert_close(logits, in_memory.eval()(images), rtol=0, atol=0)
+        assert not torch.allclose(logits, build_classifier("small_cnn", 10, 1, config["mean"], config["std"]).eval()(images))
+
+
+def _numpy_channel_stats(images: np.ndarray):
+    """Per-channel mean and population std of uint8 [N, H, W, C] images scaled to [0, 1], by numpy alone."""
+    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255
+    return pixels.mean(axis=0), pixels.std(axis=0)
+
+
+def test_channel_stats_match_numpy_on_known_images(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (7, 5, 5, 3), dtype=np.uint8)
+    images[..., 2] = 200  # a constant channel: std clamped to 1e-3, not 0
+    write_image_folder(tmp_path / "rgb", images, np.array([0, 0, 1, 1, 1, 2, 2]))
+    benchmark = dataclasses.replace(get_benchmark("digits"), channels=3, image_size=5)
+    dataset = train_classifier.open_images(tmp_path / "rgb", eval_transform(benchmark), "prepare")
+    mean, std = train_classifier.channel_stats(dataset, seed=0, device=torch.device("cpu"))
+    expected_mean, expected_std = _numpy_channel_stats(images)  # labels sorted: the file order is the write order
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-6)  # ToTensor is float32
+    np.testing.assert_allclose(std[:2], expected_std[:2], rtol=1e-5)
+    assert expected_mean[2] == pytest.approx(200 / 255) and std[2] == pytest.approx(1e-3)
+
+    # Over the cap, the stats are those of the seeded subset (the same subset for the same seed).
+    monkeypatch.setattr(train_classifier, "NORMALISATION_IMAGES", 4)
+    keep = torch.randperm(7, generator=torch.Generator().manual_seed(5))[:4].tolist()
+    subset_mean, subset_std = train_classifier.channel_stats(dataset, seed=5, device=torch.device("cpu"))
+    expected_mean, expected_std = _numpy_channel_stats(images[keep])
+    np.testing.assert_allclose(subset_mean, expected_mean, rtol=1e-6)
+    np.testing.assert_allclose(subset_std[:2], expected_std[:2], rtol=1e-5)
+    assert not np.allclose(subset_mean[:2], mean[:2])
 
 
 def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tmp_path, monkeypatch):

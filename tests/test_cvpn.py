@@ -13,6 +13,7 @@ from ncis.io import save_arrays, save_weights
 from ncis.layout import layout_for
 from ncis.train_cvpn import evaluate, fit_cvpn, reconstruction_loss
 from ncis.train_cvpn import main as train_cvpn
+import ncis.train_cvpn as train_cvpn_module
 
 # ncis' own coupling design (digits) and the paper's (configs/*.yaml).
 DESIGNS = {
@@ -182,19 +183,47 @@ def stage_params(tmp_path, *extra):
     )
 
 
-def test_stage_writes_weights_and_config(tmp_path):
-    params = stage_params(tmp_path, "cvpn.preprocess=center")
-    fake_embeddings(layout_for(params).embeddings)
-    returned = train_cvpn(params)
-    config = json.loads((layout_for(params).cvpn / "config.json").read_text())
-    assert config == json.loads(json.dumps(returned))
-    for key in ("dim", "num_classes", "coupling_layers", "hidden", "class_embedding", "num_invariants", "preprocess"):
-        assert key in config
-    assert (config["dim"], config["num_classes"], config["hidden"]) == (8, 10, 16)
-    assert 1 <= config["num_invariants"] <= 7
-    assert len(config["mean"]) == 8
-    assert config["best_holdout_invariant_mse"] >= 0 and config["reconstruction_vs_pca"] > 0
-    assert load_cvpn(layout_for(params).cvpn).center.abs().sum() > 0
+def test_stage_writes_weights_and_config(tmp_path, monkeypatch):
+    # Per class, points on a 3-dimensional affine subspace of R^8: PCA keeps 3 components, so k = 8 - 3.
+    rng = np.random.default_rng(0)
+    per_class, rank, dim = 20, 3, 8
+    embeddings = np.concatenate(
+        [10 * rng.normal(size=dim) + rng.normal(size=(per_class, rank)) @ rng.normal(size=(rank, dim)) for _ in range(10)]
+    ) + 1e-4 * rng.normal(size=(10 * per_class, dim))
+    embeddings, labels = embeddings.astype(np.float32), np.repeat(np.arange(10), per_class)
+    params = stage_params(tmp_path, "cvpn.preprocess=center", "cvpn.holdout_fraction=0.0")  # evaluated on all points
+    save_arrays(layout_for(params).embeddings, embeddings=embeddings, labels=labels)
+    fitted = []
+    monkeypatch.setattr(train_cvpn_module, "fit_cvpn", lambda *args, **kwargs: fitted.append(fit_cvpn(*args, **kwargs)) or fitted[-1])
+    config = train_cvpn(params)
+    assert json.loads((layout_for(params).cvpn / "config.json").read_text()) == json.loads(json.dumps(config))
+    assert (config["dim"], config["num_classes"], config["hidden"], config["preprocess"]) == (8, 10, 16, "center")
+    assert config["num_invariants"] == dim - rank == 5
+    np.testing.assert_allclose(config["mean"], embeddings.astype(np.float64).mean(0), rtol=1e-5, atol=1e-5)
+
+    # The saved weights reload to a model whose errors on the data are the ones the config reports.
+    model = load_cvpn(layout_for(params).cvpn)
+    x, y = torch.as_tensor(embeddings), torch.as_tensor(labels)
+    with torch.no_grad():
+        invariant_mse = model.invariants(model(x, y)).square().mean().item()
+        reconstruction_mse = (model.project(x, y) - x).square().mean().item()
+    assert model.num_invariants == 5 and config["selected_on"] == "train"
+    torch.testing.assert_close(model.center, torch.tensor(config["mean"]), rtol=0, atol=0)
+    with torch.no_grad():  # the trained model, reloaded: the same outputs
+        torch.testing.assert_close(model(x, y), fitted[0].model.eval()(x, y), rtol=0, atol=0)
+    assert config["best_holdout_invariant_mse"] == pytest.approx(invariant_mse, rel=1e-6)
+    assert config["holdout_reconstruction_mse"] == pytest.approx(reconstruction_mse, rel=1e-6)
+
+    # The PCA baseline: per class, the error of the projection onto the top dim - k = 3 components.
+    pca_error = 0.0
+    for c in range(10):
+        points = embeddings[labels == c].astype(np.float64)
+        centred = points - points.mean(0)
+        top = np.linalg.svd(centred, full_matrices=False)[2][:rank]
+        pca_error += np.square(centred @ top.T @ top - centred).sum()
+    expected_pca = pca_error / embeddings.size
+    assert config["pca_reconstruction_mse"] == pytest.approx(expected_pca, rel=1e-3)
+    assert config["reconstruction_vs_pca"] == pytest.approx(reconstruction_mse / expected_pca, rel=1e-3)
 
 
 def test_stage_without_embeddings_names_the_stage_to_run(tmp_path):

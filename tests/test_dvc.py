@@ -555,6 +555,35 @@ def reproduced(tmp_path_factory):
     return repo, output
 
 
+def _recomputed_by_the_saved_classifier(outputs: Path) -> tuple[float, float]:
+    """ID test accuracy, and the energy score's AUROC against the `noise` OOD set, computed here from the
+    classifier the pipeline saved and the image folders it prepared (sklearn, numpy, no `evaluate`)."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from ncis.classifiers import load_classifier
+    from ncis.config import load_params
+    from ncis.datasets import load_images
+    from ncis.layout import layout_for
+
+    layout = layout_for(load_params(overrides=[f"outputs={outputs}"]))
+    benchmark = get_benchmark("digits")
+    model, _ = load_classifier(layout.classifier)
+
+    def logits(folder):
+        images, labels = load_images(folder, benchmark.channels, benchmark.image_size)
+        with torch.no_grad():
+            return model.eval()(torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255).double().numpy(), labels
+
+    id_logits, id_labels = logits(layout.id_test)
+    ood_logits, _ = logits(layout.ood("noise"))
+    energy = lambda x: np.log(np.exp(x).sum(1))  # noqa: E731
+    scores = np.r_[energy(id_logits), energy(ood_logits)]
+    auroc = roc_auc_score(np.r_[np.ones(len(id_logits)), np.zeros(len(ood_logits))], scores)
+    return float(np.mean(id_logits.argmax(1) == id_labels)), float(auroc)
+
+
 @pytest.mark.slow
 def test_repro_runs_every_stage_and_locks_its_outputs(reproduced):
     repo, output = reproduced
@@ -570,8 +599,11 @@ def test_repro_runs_every_stage_and_locks_its_outputs(reproduced):
 
     metrics = json.loads(repo.dvc("metrics", "show", "--json"))
     report = next(iter(metrics.values()))["data"]["outputs/metrics.json"]["data"]  # the workspace's
-    assert report["benchmark"] == "digits" and 0 <= report["id_accuracy"] <= 1
-    assert list(report["ood"]) == list(get_benchmark("digits").ood_sets)
+    assert report == json.loads((repo.path / "outputs" / "metrics.json").read_text())
+    assert report["benchmark"] == "digits" and list(report["ood"]) == list(get_benchmark("digits").ood_sets)
+    expected_accuracy, expected_auroc = _recomputed_by_the_saved_classifier(repo.path / "outputs")
+    assert report["id_accuracy"] == pytest.approx(expected_accuracy, abs=1e-12)
+    assert report["ood"]["noise"]["auroc"] == pytest.approx(expected_auroc, abs=1e-9)
     repo.dvc("plots", "show", "-o", "plots_html")
     page = (repo.path / "plots_html" / "index.html").read_text()
     assert "roc.png" in page and "preview.png" in page

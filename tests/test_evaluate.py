@@ -3,18 +3,19 @@ import json
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ncis import evaluate, registry, tracking
 from ncis.classifiers import build_classifier
 from ncis.config import load_params
-from ncis.datasets import get_benchmark, write_image_folder
+from ncis.datasets import get_benchmark, load_images, write_image_folder
 from ncis.errors import UserError
 from ncis.evaluate import main, ood_subset
 from ncis.io import save_weights
 from ncis.layout import layout_for
-from ncis.scores import KNNScorer, MahalanobisScorer, energy_score, msp_score, odin_score, score_loader
+from ncis.scores import KNNScorer, MahalanobisScorer, energy_score, make_scorer, msp_score, odin_score, score_loader
 
 METRICS = {"fpr95", "auroc", "aupr_in", "aupr_out"}
 SETS = list(get_benchmark("digits").ood_sets)
@@ -25,20 +26,24 @@ def tiny_params(root, score="energy", **evaluate):
     return load_params(overrides=[f"outputs={root}", "device=cpu", *(f"evaluate.{k}={v}" for k, v in settings.items())])
 
 
-def make_tiny_benchmark(root, channels=1) -> None:
-    """ID train/test and every digits OOD set as tiny 8x8 ImageFolders, plus an untrained small_cnn."""
+def make_tiny_benchmark(root, channels=1, ood_pixels=(100, 256)) -> nn.Module:
+    """ID train/test and every digits OOD set as tiny 8x8 ImageFolders, plus an untrained (seeded) small_cnn.
+
+    ID pixels lie in [0, 128), OOD ones in `ood_pixels`: (0, 128) makes the sets overlap."""
     rng = np.random.default_rng(0)
     layout = layout_for(tiny_params(root))
     labels = np.arange(30) % 10
     write_image_folder(layout.id_train, rng.integers(0, 128, (30, 8, 8, 1), dtype=np.uint8), labels)
     write_image_folder(layout.id_test, rng.integers(0, 128, (20, 8, 8, 1), dtype=np.uint8), labels[:20])
     for name in get_benchmark("digits").ood_sets:
-        write_image_folder(layout.ood(name), rng.integers(100, 256, (12, 8, 8, 1), dtype=np.uint8), np.zeros(12, int))
+        write_image_folder(layout.ood(name), rng.integers(*ood_pixels, (12, 8, 8, 1), dtype=np.uint8), np.zeros(12, int))
     for name in get_benchmark("digits").validation_ood_sets:
-        write_image_folder(layout.ood_val(name), rng.integers(100, 256, (12, 8, 8, 1), dtype=np.uint8), np.zeros(12, int))
+        write_image_folder(layout.ood_val(name), rng.integers(*ood_pixels, (12, 8, 8, 1), dtype=np.uint8), np.zeros(12, int))
+    torch.manual_seed(0)
     model = build_classifier("small_cnn", 10, channels, [0.3] * channels, [0.2] * channels)
     config = {"arch": "small_cnn", "num_classes": 10, "channels": channels, "image_size": 8, "mean": [0.3] * channels, "std": [0.2] * channels}
     save_weights(layout.classifier, model, config)
+    return model
 
 
 class FlatFeatures(nn.Module):
@@ -60,10 +65,25 @@ def test_output_scores_rank_confident_logits_above_uniform_ones():
     assert energy_score(logits).shape == (2,) and energy_score(logits)[0] > energy_score(logits)[1]
     assert msp_score(logits)[0] > msp_score(logits)[1]
     assert msp_score(logits)[1] == pytest.approx(1 / 3)
+    random_logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exp = np.exp(random_logits.numpy())
+    np.testing.assert_allclose(msp_score(random_logits).numpy(), (exp / exp.sum(1, keepdims=True)).max(1), rtol=1e-12)
+    np.testing.assert_allclose(energy_score(random_logits).numpy(), np.log(exp.sum(1)), rtol=1e-12)
 
     model = build_classifier("small_cnn", 10, 1).eval()
-    scores = odin_score(model, torch.rand(4, 1, 8, 8), temperature=1000.0, epsilon=0.0014)
-    assert scores.shape == (4,) and torch.all((scores > 0) & (scores <= 1))
+    images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    scores = odin_score(model, images, temperature=1000.0, epsilon=0.0014)
+    np.testing.assert_allclose(scores.numpy(), _odin_by_hand(model, images, 1000.0, 0.0014), rtol=1e-5)
+
+
+def _odin_by_hand(model, images, temperature, epsilon) -> np.ndarray:
+    """Liang et al. 2018: step the input by epsilon along the sign of the gradient of the tempered log-MSP."""
+    images = images.detach().clone().requires_grad_(True)
+    log_msp = torch.log_softmax(model(images) / temperature, dim=1).max(dim=1).values.sum()
+    log_msp.backward()
+    with torch.no_grad():
+        # In float32 as the model: at T = 1000 the MSPs differ by less than float32-vs-float64 rounding.
+        return torch.softmax(model(images + epsilon * images.grad.sign()) / temperature, dim=1).max(dim=1).values.double().numpy()
 
 
 @pytest.mark.parametrize("scorer", [MahalanobisScorer(), KNNScorer(k=3)])
@@ -163,16 +183,89 @@ def _check_metrics_file(path, score) -> dict:
     assert list(metrics["ood"]) == SETS
     assert metrics["ood"]["letters"]["group"] == "near" and metrics["ood"]["noise"]["group"] == "far"
     assert list(metrics["groups"]) == ["near", "far"]
-    fractions = [metrics["id_accuracy"]]
     for entry in [*metrics["ood"].values(), metrics["average"], *metrics["groups"].values()]:
         assert set(entry) - {"group"} == METRICS
-        fractions += [entry[m] for m in METRICS]
-    assert all(0.0 <= value <= 1.0 for value in fractions)
     return metrics
 
 
+def _pixels(folder) -> tuple[torch.Tensor, np.ndarray]:
+    """The PNGs of `folder` as the [0, 1] float tensor the classifier takes, read with numpy alone."""
+    images, labels = load_images(folder)
+    return torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255, labels
+
+
+def _fpr95_brute_force(id_scores, ood_scores) -> float:
+    """The lowest OOD acceptance rate over every threshold (score >= t) that keeps >= 95% of the ID images."""
+    rates = [np.mean(ood_scores >= t) for t in np.concatenate([id_scores, ood_scores]) if np.mean(id_scores >= t) >= 0.95]
+    return float(min(rates))
+
+
+def _expected_metrics(id_scores, ood_scores) -> dict:
+    labels = np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))]
+    scores = np.r_[id_scores, ood_scores]
+    return {
+        "fpr95": _fpr95_brute_force(id_scores, ood_scores),
+        "auroc": roc_auc_score(labels, scores),
+        "aupr_in": average_precision_score(labels, scores),
+        "aupr_out": average_precision_score(1 - labels, -scores),
+    }
+
+
+def _recompute(root, model, score_of_images) -> dict:
+    """metrics.json's numbers, recomputed from the images and the model with numpy and sklearn."""
+    layout = layout_for(tiny_params(root))
+    benchmark = get_benchmark("digits")
+    model.eval()
+    id_images, id_labels = _pixels(layout.id_test)
+    id_scores = score_of_images(id_images)
+    with torch.no_grad():
+        id_accuracy = float(np.mean(model(id_images).numpy().argmax(1) == id_labels))
+    ood = {name: _expected_metrics(id_scores, score_of_images(_pixels(layout.ood(name))[0])) for name in benchmark.ood_sets}
+    validation = {name: _expected_metrics(id_scores, score_of_images(_pixels(layout.ood_val(name))[0])) for name in benchmark.validation_ood_sets}
+
+    def mean(entries):
+        return {m: float(np.mean([e[m] for e in entries])) for m in METRICS}
+
+    def groups(sets, by_set):
+        return {group: mean([by_set[n] for n, g in sets.items() if g == group]) for group in dict.fromkeys(sets.values())}
+
+    return {
+        "id_accuracy": id_accuracy,
+        "ood": ood,
+        "average": mean(ood.values()),
+        "groups": groups(benchmark.ood_sets, ood),
+        "validation": {"ood": validation, "average": mean(validation.values()), "groups": groups(benchmark.validation_ood_sets, validation)},
+    }
+
+
+def _assert_metrics_equal(metrics, expected):
+    assert metrics["id_accuracy"] == pytest.approx(expected["id_accuracy"], abs=1e-12)
+    for report, reference in [(metrics, expected), (metrics["validation"], expected["validation"])]:
+        for name, entry in reference["ood"].items():
+            assert {m: report["ood"][name][m] for m in METRICS} == pytest.approx(entry, abs=1e-9), name
+        assert report["average"] == pytest.approx(reference["average"], abs=1e-9)
+        assert list(report["groups"]) == list(reference["groups"])
+        for group, entry in reference["groups"].items():
+            assert report["groups"][group] == pytest.approx(entry, abs=1e-9), group
+
+
+def _logits(model, images) -> np.ndarray:
+    with torch.no_grad():
+        return model.eval()(images).double().numpy()
+
+
+def _energy_by_hand(model, images) -> np.ndarray:
+    logits = _logits(model, images)
+    return np.log(np.exp(logits).sum(1))
+
+
+def _msp_by_hand(model, images) -> np.ndarray:
+    exp = np.exp(_logits(model, images))
+    return (exp / exp.sum(1, keepdims=True)).max(1)
+
+
 def test_evaluate_writes_metrics_plots_and_logs(tmp_path, monkeypatch, capsys):
-    make_tiny_benchmark(tmp_path)
+    model = make_tiny_benchmark(tmp_path, ood_pixels=(0, 128))  # overlapping sets: metrics strictly between 0 and 1
     logged = {}
     monkeypatch.setattr(tracking.Run, "log_summary", lambda run, metrics: logged.update(metrics))  # the no-op stand-in
     params = tiny_params(tmp_path, "energy")
@@ -180,14 +273,21 @@ def test_evaluate_writes_metrics_plots_and_logs(tmp_path, monkeypatch, capsys):
     layout = layout_for(params)
     metrics = _check_metrics_file(layout.metrics, "energy")
     assert metrics == returned
+    expected = _recompute(tmp_path, model, lambda images: _energy_by_hand(model, images))
+    _assert_metrics_equal(metrics, expected)
+    assert 0 < expected["average"]["auroc"] < 1 and expected["average"]["auroc"] != 0.5  # not a degenerate case
 
-    for name in SETS:
-        for metric in METRICS:
-            assert logged[f"{metric}/{name}"] == metrics["ood"][name][metric]
-    assert logged["fpr95/average"] == metrics["average"]["fpr95"]
-    assert logged["auroc/average"] == metrics["average"]["auroc"]
-    assert logged["id_accuracy"] == metrics["id_accuracy"]
-    assert logged["fpr95/average_near"] == metrics["groups"]["near"]["fpr95"]
+    # MLflow names (docs/contract.md) with the recomputed values.
+    assert logged["id_accuracy"] == pytest.approx(expected["id_accuracy"], abs=1e-12)
+    for metric in METRICS:
+        for name in SETS:
+            assert logged[f"{metric}/{name}"] == pytest.approx(expected["ood"][name][metric], abs=1e-9)
+        assert logged[f"{metric}/average"] == pytest.approx(expected["average"][metric], abs=1e-9)
+        for group in ("near", "far"):
+            assert logged[f"{metric}/average_{group}"] == pytest.approx(expected["groups"][group][metric], abs=1e-9)
+        for name, entry in expected["validation"]["ood"].items():
+            assert logged[f"{metric}/val_{name}"] == pytest.approx(entry[metric], abs=1e-9)
+        assert logged[f"{metric}/val_average"] == pytest.approx(expected["validation"]["average"][metric], abs=1e-9)
 
     assert {p.name for p in layout.plots.iterdir()} == {
         "roc.png",
@@ -200,13 +300,33 @@ def test_evaluate_writes_metrics_plots_and_logs(tmp_path, monkeypatch, capsys):
     assert "FPR95" in capsys.readouterr().out
 
 
+def _reference_scores(root, model, score):
+    """Scores computed outside `evaluate.main`: by hand for the output scores; for the feature scores, the
+    scorer (its maths is tested above) fitted here on the ID training images."""
+    if score == "msp":
+        return lambda images: _msp_by_hand(model, images)
+    params = tiny_params(root, score)
+    if score == "odin":
+        return lambda images: _odin_by_hand(model, images, params.evaluate.odin_temperature, params.evaluate.odin_epsilon)
+    scorer = make_scorer(params.evaluate)
+    train, labels = _pixels(layout_for(params).id_train)
+    scorer.fit(model.eval(), DataLoader(TensorDataset(train, torch.as_tensor(labels)), batch_size=7), torch.device("cpu"))
+
+    def scores(images):
+        loader = DataLoader(TensorDataset(images, torch.zeros(len(images), dtype=torch.long)), batch_size=5)
+        return score_loader(model, scorer, loader, torch.device("cpu"))["scores"].astype(np.float64)
+
+    return scores
+
+
 @pytest.mark.parametrize("score", [name for name in registry.SCORES if name != "energy"])
-def test_every_score_gives_valid_metrics(tmp_path, monkeypatch, score):
-    make_tiny_benchmark(tmp_path)
+def test_every_score_gives_the_metrics_of_its_scores(tmp_path, monkeypatch, score):
+    model = make_tiny_benchmark(tmp_path, ood_pixels=(0, 128))
     monkeypatch.setattr(evaluate, "write_plots", lambda *args, **kwargs: None)  # plots are tested above
     params = tiny_params(tmp_path, score)
     returned = main(params)
     assert _check_metrics_file(layout_for(params).metrics, score) == returned
+    _assert_metrics_equal(returned, _recompute(tmp_path, model, _reference_scores(tmp_path, model, score)))
 
 
 def test_an_unknown_score_is_refused_when_params_are_read():

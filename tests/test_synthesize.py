@@ -7,6 +7,9 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from ncis import synthesize
 from ncis.config import load_params
@@ -49,7 +52,28 @@ def test_synthesize_writes_an_image_folder_preview_and_diagnostics(tmp_path, unt
     assert Image.open(layout.preview).size[0] > 4 * 32  # 2 real + 2 generated cells per row
     saved = json.loads((layout.synth_dir / "diagnostics.json").read_text())
     assert saved == pytest.approx(report, nan_ok=True)
-    assert 0 <= saved["outlier_in_class_fraction"] <= 1 and saved["images"] == 30
+    assert saved["images"] == 30
+
+    # The outlier diagnostics, recomputed from the files written (PNGs, embeddings.npz, outliers.npz).
+    id_images, id_labels = load_images(layout.id_train)
+    pixels = lambda x: x.reshape(len(x), -1).astype(np.float64)  # noqa: E731
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=params.seed))
+    predicted = classifier.fit(pixels(id_images), id_labels).predict(pixels(images))
+    assert saved["outlier_in_class_fraction"] == pytest.approx(np.mean(predicted == labels), abs=1e-12)
+    per_class = []
+    for c in range(10):
+        x = pixels(images[labels == c]) / 255
+        distances = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+        per_class.append(distances[np.triu_indices(len(x), 1)].mean())
+    assert saved["outlier_diversity"] == pytest.approx(np.mean(per_class), rel=1e-9)
+    embedded, pool = load_arrays(layout.embeddings), load_arrays(layout.outliers)["outliers"]
+    ratios = []
+    for c in range(10):
+        members = embedded["embeddings"][embedded["labels"] == c].astype(np.float64)
+        precision = np.linalg.inv(np.cov(members.T) + 1e-5 * np.eye(members.shape[1]))
+        distance = lambda x: np.sqrt(np.einsum("nd,de,ne->n", x - members.mean(0), precision, x - members.mean(0)))  # noqa: E731
+        ratios.append(distance(pool[c].astype(np.float64)).mean() / distance(members).mean())
+    assert saved["outlier_mahalanobis_ratio"] == pytest.approx(np.mean(ratios), rel=1e-6)
 
 
 def test_images_per_class_and_save_size(tmp_path, untrained_pipeline_dir):
