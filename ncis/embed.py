@@ -7,6 +7,8 @@ so an image's result does not depend on which images share its batch. The vector
 noising and the loss stay float32 whatever precision the model runs in.
 
 Work is saved in chunks as they finish; a stopped run resumes at the first missing chunk.
+Under torchrun every rank inverts its share of the chunks and rank 0 merges them: a chunk is
+computed the same way whichever process computes it, so the result is the single process's.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from torchvision import transforms
 from tqdm.auto import tqdm
 
-from ncis import tracking
+from ncis import distributed, tracking
 from ncis.config import EmbedParams, Params
 from ncis.datasets import get_benchmark, image_folder
 from ncis.diffusion import (
@@ -157,11 +159,15 @@ def main(params: Params) -> dict:
     class_tokens = table[ids_per_class[torch.arange(len(token_names)), positions_per_class]]
 
     # 3. Invert chunk by chunk; chunks of this same work (settings, model, images) are resumed.
+    #    Under torchrun each rank takes every world_size-th chunk; rank 0 claims the folder first.
     chunks = layout.embed_dir / "chunks"
-    claim(chunks, _work_key(params, images_folder))
+    if distributed.is_main():
+        claim(chunks, _work_key(params, images_folder))
+    distributed.barrier()
     starts = list(range(0, count, cfg.chunk_size))
-    progress = tqdm(total=count, desc="embed: textual inversion", unit="img")
-    for start in starts:
+    mine = distributed.shard(starts)
+    progress = tqdm(total=sum(min(start + cfg.chunk_size, count) - start for start in mine), desc="embed: textual inversion", unit="img")
+    for start in mine:
         path = chunks / f"{start:08d}.npz"
         stop = min(start + cfg.chunk_size, count)
         if path.exists():
@@ -188,7 +194,11 @@ def main(params: Params) -> dict:
             progress.update(len(indices))
         save_arrays(path, embeddings=torch.cat(vectors).numpy().astype(np.float32), losses=torch.cat(losses).numpy())
     progress.close()
+    distributed.barrier()
+    if not distributed.is_main():
+        return {}
 
+    # 4. Rank 0 merges the chunks in order.
     parts = [load_arrays(chunks / f"{start:08d}.npz") for start in starts]
     embeddings = np.concatenate([p["embeddings"] for p in parts])
     losses = np.concatenate([p["losses"] for p in parts])
