@@ -111,3 +111,33 @@ def held_by_main(enter: Callable[[], ContextManager]) -> Iterator[None]:
             raise UserError(refusal)
         yield
         barrier()
+
+
+def sampler(dataset) -> "torch.utils.data.DistributedSampler | None":
+    """A shuffling sampler giving this rank its share of `dataset` (None in one process). Its
+    order is set per epoch with `set_epoch`; the last incomplete share is dropped, as one
+    process's loader drops its last incomplete batch."""
+    if not active():
+        return None
+    from torch.utils.data import DistributedSampler
+
+    return DistributedSampler(dataset, shuffle=True, seed=0, drop_last=True)
+
+
+def parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` wrapped in DistributedDataParallel (gradients averaged across ranks); itself in one process."""
+    if not active():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
+
+
+def average_gradients(parameters) -> None:
+    """Average the gradients of parameters outside a DistributedDataParallel module across ranks."""
+    if not active():
+        return
+    for parameter in parameters:
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= world_size()

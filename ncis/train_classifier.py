@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from ncis import tracking
+from ncis import distributed, tracking
 from ncis.classifiers import (
     Classifier,
     build_classifier,
@@ -311,6 +311,7 @@ def train_epoch(model, head, optimizer, scheduler, id_loader, outlier_loader, se
             outlier_energies.append(energy[count:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(head.parameters())  # the model's are averaged by DDP
         optimizer.step()
         scheduler.step()
         loss_sum += loss.detach() * count
@@ -401,9 +402,16 @@ def train(params, device: torch.device) -> dict:
         weight_decay=settings.weight_decay,
         nesterov=settings.momentum > 0,  # torch refuses Nesterov without momentum
     )
+    # Under torchrun each rank reads its share of the ID and outlier images (DistributedSampler)
+    # and DDP averages the gradients: one rank's batch is batch_size images.
     id_generator, outlier_generator = torch.Generator(), torch.Generator()
-    id_loader = make_loader(id_train, settings.batch_size, device, id_generator)
-    outlier_loader = make_loader(outliers, settings.outlier_batch_size, device, outlier_generator) if outliers is not None else None
+    id_sampler = distributed.sampler(id_train)
+    outlier_sampler = distributed.sampler(outliers) if outliers is not None else None
+    id_loader = make_loader(id_train, settings.batch_size, device, id_generator, id_sampler)
+    outlier_loader = (
+        make_loader(outliers, settings.outlier_batch_size, device, outlier_generator, outlier_sampler) if outliers is not None else None
+    )
+    trained = distributed.parallel(model, device)
     steps_per_epoch = len(id_loader)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=settings.epochs * steps_per_epoch, eta_min=settings.lr_min
@@ -423,7 +431,11 @@ def train(params, device: torch.device) -> dict:
             **({"init": Path(settings.init)} if settings.init else {}),
         },
     )
-    done, stats = resume(layout.classifier_checkpoints, key, settings.epochs, model, head, optimizer, scheduler, device)
+    # Rank 0 claims the folder (discarding other work) before the other ranks read it.
+    for turn in (True, False):
+        if distributed.is_main() == turn:
+            done, stats = resume(layout.classifier_checkpoints, key, settings.epochs, model, head, optimizer, scheduler, device)
+        distributed.barrier()
 
     # 4. Train, one checkpoint per epoch
     for epoch in range(done + 1, settings.epochs + 1):
@@ -433,9 +445,14 @@ def train(params, device: torch.device) -> dict:
         seed_everything(epoch_seed)
         id_generator.manual_seed(epoch_seed)
         outlier_generator.manual_seed(epoch_seed + 1)
-        stats = train_epoch(model, head, optimizer, scheduler, id_loader, outlier_loader, settings, device, epoch)
+        for sampler_ in (id_sampler, outlier_sampler):
+            if sampler_ is not None:
+                sampler_.set_epoch(epoch_seed)
+        stats = train_epoch(trained, head, optimizer, scheduler, id_loader, outlier_loader, settings, device, epoch)
         print(_summary(epoch, settings.epochs, stats))
         tracking.log_metrics(stats, step=epoch)
+        if not distributed.is_main():
+            continue  # rank 0 saves: every rank holds the same weights after each step
         save_checkpoint(
             layout.classifier_checkpoints,
             epoch,
@@ -453,7 +470,10 @@ def train(params, device: torch.device) -> dict:
             keep=settings.keep_checkpoints,
         )
 
-    # 5. Save
+    # 5. Save (rank 0)
+    distributed.barrier()
+    if not distributed.is_main():
+        return {}
     config = {
         "arch": settings.arch,
         "benchmark": params.benchmark,

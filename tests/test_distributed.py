@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from ncis import distributed
@@ -122,3 +123,23 @@ def test_held_by_main_passes_the_refusal_on(tmp_path):
     with pytest.raises(UserError, match="busy"):
         with distributed.held_by_main(refuse):
             pass
+
+
+def test_ddp_training_shares_the_data_and_writes_one_classifier(tmp_path):
+    import json
+
+    from test_classifier import make_tiny_data
+
+    from ncis.classifiers import load_classifier
+
+    make_tiny_data(tmp_path)  # 40 ID images, outliers capped at 10 below
+    settings = [f"outputs={tmp_path}", "device=cpu", "classifier.arch=small_cnn", "classifier.epochs=2", "classifier.batch_size=8",
+                "classifier.outlier_batch_size=4", "classifier.max_outliers=10"]
+    done = torchrun(_cli_args("train-classifier", settings))
+    assert done.returncode == 0, done.stderr[-3000:]
+    layout = layout_for(load_params(overrides=settings))
+    assert sorted(p.name for p in layout.classifier_checkpoints.iterdir()) == ["epoch_0001", "epoch_0002", "work-key.txt"]
+    # Each of the 2 ranks read 20 of the 40 ID images: 2 full batches of 8 per epoch (one process: 5).
+    assert json.loads((layout.classifier_checkpoints / "epoch_0002" / "state.json").read_text())["steps_per_epoch"] == 2
+    model, config = load_classifier(layout.classifier)
+    assert config["epochs"] == 2 and model(torch.rand(3, 1, 8, 8)).shape == (3, 10)
