@@ -39,7 +39,7 @@ from ncis.errors import UserError
 from ncis.io import load_arrays, save_arrays, write_json
 from ncis.layout import layout_for
 from ncis.resume import claim, work_key
-from ncis.runtime import item_generator, resolve_device
+from ncis.runtime import compiled, item_generator, resolve_device
 
 
 @dataclass
@@ -137,6 +137,7 @@ def main(params: Params) -> dict:
     # 1. The model, and the training images at its resolution: the original files where the
     #    benchmark keeps them (ImageNet-100: the paper resizes and crops the JPEGs to 512).
     pipe = load_for_params(params, device, cfg.dtype)
+    pipe.unet = compiled(pipe.unet, params.compile)
     side = resolution(pipe)
     mode = "RGB" if image_channels(pipe) == 3 else "L"
     images_folder = layout.id_train_originals if benchmark.keeps_originals else layout.id_train

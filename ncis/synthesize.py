@@ -26,7 +26,7 @@ from ncis.datasets import get_benchmark, load_images, write_image_folder
 from ncis.diffusion import encode_text, generate, image_channels, initial_latents, load_for_params, tokenize_prompts
 from ncis.io import atomic_path, load_arrays, write_json
 from ncis.layout import layout_for
-from ncis.runtime import item_generator, resolve_device
+from ncis.runtime import compiled, item_generator, resolve_device
 
 DIAGNOSTIC_IMAGES = 5000  # ID images the diagnostic classifier is fitted on, at most
 
@@ -107,6 +107,7 @@ def main(params: Params) -> dict:
     vectors = outliers[labels, picks]
 
     pipe = load_for_params(params, resolve_device(params.device), cfg.dtype)
+    pipe.unet = compiled(pipe.unet, params.compile)
     images = render(pipe, params, benchmark, labels, vectors, np.arange(len(labels)), "synthesize: outliers")
 
     # Control: the class's own inverted embeddings, each with the starting noise of one outlier

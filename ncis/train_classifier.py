@@ -50,7 +50,7 @@ from ncis.io import atomic_path, load_state, load_weights, read_json, read_safet
 from ncis.layout import layout_for
 from ncis.metrics import auroc
 from ncis.resume import claim, work_key
-from ncis.runtime import item_generator, resolve_device, seed_everything, single_cpu_thread
+from ncis.runtime import autocast_dtype, compiled, item_generator, resolve_device, seed_everything, single_cpu_thread
 from ncis.scores import energy_score
 
 NORMALISATION_IMAGES = 5000  # mean/std are estimated on at most this many ID training images
@@ -294,6 +294,7 @@ def batch_loss(model, head, images, labels, outlier_images, energy_weight: float
 
 def train_epoch(model, head, optimizer, scheduler, id_loader, outlier_loader, settings, device, epoch: int) -> dict:
     model.train()
+    autocast = autocast_dtype(settings.precision, device)
     outliers = _cycle(outlier_loader) if outlier_loader is not None else None
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -304,7 +305,12 @@ def train_epoch(model, head, optimizer, scheduler, id_loader, outlier_loader, se
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         count = len(images)
         outlier_images = next(outliers)[0].to(device, non_blocking=True) if outliers is not None else None
-        loss, logits = batch_loss(model, head, images, labels, outlier_images, settings.energy_weight)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+            outlier_images = outlier_images.contiguous(memory_format=torch.channels_last) if outlier_images is not None else None
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss, logits = batch_loss(model, head, images, labels, outlier_images, settings.energy_weight)
+        logits = logits.float()
         if outliers is not None:
             energy = energy_score(logits.detach())
             id_energies.append(energy[:count])  # kept on the device: no sync per step
@@ -407,11 +413,15 @@ def train(params, device: torch.device) -> dict:
     id_generator, outlier_generator = torch.Generator(), torch.Generator()
     id_sampler = distributed.sampler(id_train)
     outlier_sampler = distributed.sampler(outliers) if outliers is not None else None
-    id_loader = make_loader(id_train, settings.batch_size, device, id_generator, id_sampler)
+    id_loader = make_loader(id_train, settings.batch_size, device, id_generator, id_sampler, settings.num_workers)
     outlier_loader = (
-        make_loader(outliers, settings.outlier_batch_size, device, outlier_generator, outlier_sampler) if outliers is not None else None
+        make_loader(outliers, settings.outlier_batch_size, device, outlier_generator, outlier_sampler, settings.num_workers)
+        if outliers is not None
+        else None
     )
-    trained = distributed.parallel(model, device)
+    if device.type == "cuda":  # cuDNN's fastest convolutions take NHWC
+        model = model.to(memory_format=torch.channels_last)
+    trained = compiled(distributed.parallel(model, device), params.compile)
     steps_per_epoch = len(id_loader)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=settings.epochs * steps_per_epoch, eta_min=settings.lr_min
