@@ -84,23 +84,26 @@ def timed(device: torch.device, work) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, result
 
 
-def build(args, params, class_names):
-    if args.sd_shapes:
-        return sd14_shapes(class_names)
-    if args.tiny_sd:
-        return tiny_sd_shapes(class_names)
-    return digits_shapes(params, class_names)
+_BUILT: dict = {}  # one pipeline per shape and placement, reused by repeated measurements
 
 
-def measure(args) -> dict:
+def build(args, params, class_names, device, dtype):
+    key = (args.sd_shapes, args.tiny_sd, str(device), dtype)
+    if key not in _BUILT:
+        torch.manual_seed(0)
+        pipe = sd14_shapes(class_names) if args.sd_shapes else tiny_sd_shapes(class_names) if args.tiny_sd else digits_shapes(params, class_names)
+        _BUILT[key] = to_device(pipe, device, dtype)
+    return _BUILT[key]
+
+
+def measure(args, warm_up: bool = True, reference: bool = True) -> dict:
     """Both procedures on the same images; returns images/s of each, their ratio and the largest vector difference."""
     device = resolve_device(args.device)
     overrides = [f"embed.noise_draws={args.noise_draws}", f"embed.steps={args.steps}", f"embed.batch_size={args.batch_size}"]
     params = load_params(args.params, overrides=overrides)
     cfg = params.embed
     class_names = list(get_benchmark("digits").class_names)
-    torch.manual_seed(0)
-    pipe = to_device(build(args, params, class_names), device, DTYPES[args.dtype])
+    pipe = build(args, params, class_names, device, DTYPES[args.dtype])
     side = resolution(pipe)
     channels = int(pipe.vae.config.in_channels) if pipe.vae is not None else int(pipe.unet.config.in_channels)
     images = torch.rand((args.images, channels, side, side), generator=torch.Generator().manual_seed(0))
@@ -114,11 +117,14 @@ def measure(args) -> dict:
     reference_count = min(args.reference_images or args.images, args.images)
 
     # Warm-up of both paths (allocator, kernels), then the timed runs.
-    run_ncis(pipe, latents[:2], ids[:2], positions[:2], class_tokens[:2], params.seed, cfg, 2)
-    run_reference(pipe, latents[:1], ids[:1], token_ids[:1], params.seed, cfg)
+    if warm_up:
+        run_ncis(pipe, latents[:2], ids[:2], positions[:2], class_tokens[:2], params.seed, cfg, 2)
+        run_reference(pipe, latents[:1], ids[:1], token_ids[:1], params.seed, cfg)
     ncis_seconds, ncis_vectors = timed(
         device, lambda: run_ncis(pipe, latents, ids, positions, class_tokens, params.seed, cfg, cfg.batch_size)
     )
+    if not reference:
+        return {"ncis_images_per_s": args.images / ncis_seconds}
     reference_seconds, reference_vectors = timed(
         device, lambda: run_reference(pipe, latents[:reference_count], ids[:reference_count], token_ids[:reference_count], params.seed, cfg)
     )
