@@ -48,7 +48,7 @@ def flops_of(work) -> float:
 
 
 def embed_rows(args, device) -> list[dict]:
-    common = ["--device", str(device), "--steps", "3", "--noise-draws", "32" if not args.quick else "4"]
+    common = ["--device", str(device), "--rounds", "1", "--steps", "3", "--noise-draws", "32" if not args.quick else "4"]
     shapes = ["--sd-shapes"] if not args.quick else ["--tiny-sd"]
     sizes = [(8, 8, 2), (16, 16, 2)] if not args.quick else [(4, 4, 2)]
     rows = []
