@@ -219,17 +219,34 @@ def open_images(folder: str | Path, transform, stage: str) -> NumericImageFolder
         raise UserError(f"{folder} holds no images ({err}); run `ncis {stage}` again") from None
 
 
-def make_loader(dataset: Dataset, batch_size: int, device: torch.device, generator: torch.Generator | None = None) -> DataLoader:
-    """Shuffled when a generator is given. Workers only feed a GPU; on the CPU they compete with training."""
-    workers = 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
-    shuffle = generator is not None
+def loader_workers(setting: int | str, device: torch.device) -> int:
+    """`classifier.num_workers`: auto = workers only to feed a GPU; on the CPU they compete with training."""
+    if setting != "auto":
+        return int(setting)
+    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    sampler=None,
+    workers: int | str = "auto",
+) -> DataLoader:
+    """Shuffled when a generator is given, or in the order of `sampler` (a rank's share under
+    torchrun); pinned memory on CUDA."""
+    workers = loader_workers(workers, device)
+    shuffle = generator is not None or sampler is not None
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
+        shuffle=shuffle if sampler is None else None,
+        sampler=sampler,
+        generator=generator if sampler is None else None,
         num_workers=workers,
         pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
         # A last batch of one image breaks BatchNorm; a shuffled set loses a different remainder each epoch.
-        drop_last=shuffle and len(dataset) >= batch_size,
+        drop_last=shuffle and len(sampler if sampler is not None else dataset) >= batch_size,
     )

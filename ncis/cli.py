@@ -6,9 +6,10 @@ A thin layer: parse arguments, load and validate params once, call the stage's `
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from ncis import publish
+from ncis import distributed, publish
 from ncis.errors import UserError, one_line, unexpected
 from ncis.lock import exclusive_outputs
 from ncis.pipeline import STAGES
@@ -99,14 +100,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from ncis.config import load_params
 
-        overrides = list(args.overrides) + (["tracking.enabled=false"] if args.no_tracking else [])
+        # Under torchrun only rank 0 logs to MLflow; the other ranks' runs are the no-op Run.
+        helper_rank = distributed.launched() and int(os.environ.get("RANK", "0")) != 0
+        overrides = list(args.overrides) + (["tracking.enabled=false"] if args.no_tracking or helper_rank else [])
         params = load_params(args.params, overrides)
         from ncis import tracking
         from ncis.pipeline import run_pipeline, run_stage
 
         run_name = args.run_name or tracking.run_name(params, baseline=_baseline(args.params))
-        # One process per outputs folder; what a killed one left half-written is swept first.
-        with exclusive_outputs(params.outputs, command="ncis " + " ".join(sys.argv[1:] if argv is None else argv)):
+        command = "ncis " + " ".join(sys.argv[1:] if argv is None else argv)
+        # One job per outputs folder (under torchrun: rank 0 holds the lock for all its ranks);
+        # what a killed one left half-written is swept first.
+        with distributed.session(params.device), distributed.held_by_main(lambda: exclusive_outputs(params.outputs, command=command)):
             if args.command == "run":
                 run_pipeline(params, run_name)
             else:

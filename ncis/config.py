@@ -7,7 +7,7 @@ Every front door (CLI, MLflow, DVC) reads the same file and applies the same
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -172,6 +172,14 @@ class ClassifierParams(Section):
     )
     energy_head_hidden: int = Field(ge=1, description="mlp energy head: hidden width")
     keep_checkpoints: int = Field(ge=1, description="newest per-epoch checkpoints kept for resuming")
+    num_workers: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
+        description="DataLoader worker processes (auto = 8 at most on CUDA, with pinned memory; 0 on the CPU, where "
+        "workers compete with training); each worker draws its own augmentations, so the count changes results"
+    )
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        description="classifier training precision: bfloat16 = autocast on CUDA (channels_last is always used there); "
+        "auto = bfloat16 on CUDA, float32 on the CPU; changes results"
+    )
 
     @field_validator("arch")
     @classmethod
@@ -204,6 +212,10 @@ class Params(Section):
     seed: int = Field(ge=0, description="seeds every stage")
     outputs: str = Field(description="folder of every stage's outputs")
     device: Literal["auto", "cpu", "cuda"] = Field(description="auto = cuda when a GPU is visible")
+    compile: bool = Field(
+        description="torch.compile the diffusion UNet (embed, synthesize) and the classifier (train-classifier): faster "
+        "on a GPU after a warm-up, slower on a small CPU job; fused kernels round differently, so it changes results slightly"
+    )
     data: DataParams
     diffusion: DiffusionParams
     embed: EmbedParams

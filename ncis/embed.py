@@ -7,6 +7,8 @@ so an image's result does not depend on which images share its batch. The vector
 noising and the loss stay float32 whatever precision the model runs in.
 
 Work is saved in chunks as they finish; a stopped run resumes at the first missing chunk.
+Under torchrun every rank inverts its share of the chunks and rank 0 merges them: a chunk is
+computed the same way whichever process computes it, so the result is the single process's.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from torchvision import transforms
 from tqdm.auto import tqdm
 
-from ncis import tracking
+from ncis import distributed, tracking
 from ncis.config import EmbedParams, Params
 from ncis.datasets import get_benchmark, image_folder
 from ncis.diffusion import (
@@ -37,7 +39,7 @@ from ncis.errors import UserError
 from ncis.io import load_arrays, save_arrays, write_json
 from ncis.layout import layout_for
 from ncis.resume import claim, work_key
-from ncis.runtime import item_generator, resolve_device
+from ncis.runtime import compiled, item_generator, resolve_device
 
 
 @dataclass
@@ -135,6 +137,7 @@ def main(params: Params) -> dict:
     # 1. The model, and the training images at its resolution: the original files where the
     #    benchmark keeps them (ImageNet-100: the paper resizes and crops the JPEGs to 512).
     pipe = load_for_params(params, device, cfg.dtype)
+    pipe.unet = compiled(pipe.unet, params.compile)
     side = resolution(pipe)
     mode = "RGB" if image_channels(pipe) == 3 else "L"
     images_folder = layout.id_train_originals if benchmark.keeps_originals else layout.id_train
@@ -157,11 +160,15 @@ def main(params: Params) -> dict:
     class_tokens = table[ids_per_class[torch.arange(len(token_names)), positions_per_class]]
 
     # 3. Invert chunk by chunk; chunks of this same work (settings, model, images) are resumed.
+    #    Under torchrun each rank takes every world_size-th chunk; rank 0 claims the folder first.
     chunks = layout.embed_dir / "chunks"
-    claim(chunks, _work_key(params, images_folder))
+    if distributed.is_main():
+        claim(chunks, _work_key(params, images_folder))
+    distributed.barrier()
     starts = list(range(0, count, cfg.chunk_size))
-    progress = tqdm(total=count, desc="embed: textual inversion", unit="img")
-    for start in starts:
+    mine = distributed.shard(starts)
+    progress = tqdm(total=sum(min(start + cfg.chunk_size, count) - start for start in mine), desc="embed: textual inversion", unit="img")
+    for start in mine:
         path = chunks / f"{start:08d}.npz"
         stop = min(start + cfg.chunk_size, count)
         if path.exists():
@@ -188,7 +195,11 @@ def main(params: Params) -> dict:
             progress.update(len(indices))
         save_arrays(path, embeddings=torch.cat(vectors).numpy().astype(np.float32), losses=torch.cat(losses).numpy())
     progress.close()
+    distributed.barrier()
+    if not distributed.is_main():
+        return {}
 
+    # 4. Rank 0 merges the chunks in order.
     parts = [load_arrays(chunks / f"{start:08d}.npz") for start in starts]
     embeddings = np.concatenate([p["embeddings"] for p in parts])
     losses = np.concatenate([p["losses"] for p in parts])

@@ -39,12 +39,27 @@ def stage_function(name: str) -> Callable[[Params], object]:
     return module.main
 
 
+# Stages that split their work across torchrun's processes (ncis.distributed); the others run on
+# rank 0 alone while the other ranks wait.
+SHARDED_STAGES = ("embed", "synthesize", "train-classifier")
+
+
+def on_ranks(name: str, function, params: Params):
+    from ncis import distributed
+
+    if name in SHARDED_STAGES or not distributed.active():
+        return function(params)
+    result = function(params) if distributed.is_main() else None
+    distributed.barrier()
+    return result
+
+
 def run_stage(name: str, params: Params, run_name: str | None = None):
     from ncis import tracking
 
     function = stage_function(name)
     with tracking.stage_run(params, name, run_name), in_stage(name):
-        return function(params)
+        return on_ranks(name, function, params)
 
 
 def run_pipeline(params: Params, run_name: str | None = None) -> None:
@@ -54,4 +69,4 @@ def run_pipeline(params: Params, run_name: str | None = None) -> None:
     with tracking.pipeline_run(params, run_name):
         for name, function in functions:
             with tracking.stage_run(params, name), in_stage(name):
-                function(params)
+                on_ranks(name, function, params)

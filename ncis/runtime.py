@@ -45,3 +45,15 @@ def item_generator(seed: int, index: int) -> torch.Generator:
     """The random stream of item `index` (an image, an outlier embedding) under `seed`: what an item
     draws does not depend on which items share its batch, its shard or its run."""
     return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
+def compiled(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """`module` through torch.compile when `enabled` (the `compile` parameter), else itself."""
+    return torch.compile(module) if enabled else module
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a `precision` setting (auto = bfloat16 on CUDA), None for float32."""
+    if precision == "bfloat16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None

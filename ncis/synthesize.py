@@ -6,6 +6,8 @@ input embedding replaced by an outlier embedding; diffusers' pipeline does the r
 As in the paper, one outlier embedding renders `images_per_embedding` images (NCIS README.md:50,
 `--n_samples 8`), decoded at the model's resolution and resized to `save_size` (dream_ood.py:547).
 Every image has its own starting noise, keyed by its index, so no result depends on the batching.
+Under torchrun each rank renders every world_size-th batch and rank 0 gathers them in order
+and writes everything: the images are the single process's.
 A control pool from the class's own inverted embeddings, with the same starting noise,
 shows how far the outliers actually moved (`diagnostics.json`).
 """
@@ -18,13 +20,13 @@ import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from ncis import diagnostics, tracking
+from ncis import diagnostics, distributed, tracking
 from ncis.config import Params
 from ncis.datasets import get_benchmark, load_images, write_image_folder
 from ncis.diffusion import encode_text, generate, image_channels, initial_latents, load_for_params, tokenize_prompts
 from ncis.io import atomic_path, load_arrays, write_json
 from ncis.layout import layout_for
-from ncis.runtime import item_generator, resolve_device
+from ncis.runtime import compiled, item_generator, resolve_device
 
 DIAGNOSTIC_IMAGES = 5000  # ID images the diagnostic classifier is fitted on, at most
 
@@ -38,7 +40,8 @@ def render(pipe, params: Params, benchmark, labels: np.ndarray, vectors: np.ndar
     if len(labels) == 0:
         return np.zeros((0, cfg.save_size, cfg.save_size, image_channels(pipe)), np.uint8)
     out = []
-    for start in tqdm(range(0, len(labels), cfg.batch_size), desc=desc, unit="batch"):
+    starts = distributed.shard(range(0, len(labels), cfg.batch_size))
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not distributed.is_main()):
         rows = slice(start, start + cfg.batch_size)
         ids, positions = tokenize_prompts(
             pipe, cfg.prompt, [benchmark.prompt_names[c] for c in labels[rows]], [benchmark.token_names[c] for c in labels[rows]]
@@ -48,7 +51,19 @@ def render(pipe, params: Params, benchmark, labels: np.ndarray, vectors: np.ndar
         generators = [item_generator(params.seed, int(n)) for n in noise_ids[rows]]
         images = generate(pipe, embeds, cfg.steps, cfg.guidance_scale, initial_latents(pipe, generators, cfg.noise_scale), cfg.scheduler)
         out.append(_to_uint8(images, cfg.save_size))
-    return np.concatenate(out)
+    return _merged(out, starts, len(labels), cfg.save_size, image_channels(pipe))
+
+
+def _merged(batches: list[np.ndarray], starts: list[int], count: int, size: int, channels: int) -> np.ndarray:
+    """This rank's rendered batches (from `starts`), merged with the other ranks' in row order on
+    rank 0; the other ranks get an empty array."""
+    every = distributed.gather(list(zip(starts, batches)))
+    if every is None:
+        return np.zeros((0, size, size, channels), np.uint8)
+    ordered = sorted((pair for rank_batches in every for pair in rank_batches), key=lambda pair: pair[0])
+    merged = np.concatenate([batch for _, batch in ordered])
+    assert len(merged) == count, "every batch is rendered exactly once"
+    return merged
 
 
 def _to_uint8(images: torch.Tensor, size: int, antialias: bool = False) -> np.ndarray:
@@ -102,6 +117,7 @@ def main(params: Params) -> dict:
     vectors = outliers[labels, picks]
 
     pipe = load_for_params(params, resolve_device(params.device), cfg.dtype)
+    pipe.unet = compiled(pipe.unet, params.compile)
     images = render(pipe, params, benchmark, labels, vectors, np.arange(len(labels)), "synthesize: outliers")
 
     # Control: the class's own inverted embeddings, each with the starting noise of one outlier
@@ -114,6 +130,8 @@ def main(params: Params) -> dict:
     members = [np.flatnonzero(embedded["labels"] == c) for c in range(classes)]
     control_vectors = embedded["embeddings"][[rng.choice(members[c]) for c in control_labels]] if len(paired) else vectors[:0]
     control = render(pipe, params, benchmark, control_labels, control_vectors, paired, "synthesize: control")
+    if not distributed.is_main():
+        return {}  # rank 0 has every image: it writes and logs
 
     side = min(cfg.save_size, 32)
     id_images, id_labels = load_images(layout.id_train, benchmark.channels, side, limit=DIAGNOSTIC_IMAGES, seed=params.seed)

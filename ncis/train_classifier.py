@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from ncis import tracking
+from ncis import distributed, tracking
 from ncis.classifiers import (
     Classifier,
     build_classifier,
@@ -50,7 +50,7 @@ from ncis.io import atomic_path, load_state, load_weights, read_json, read_safet
 from ncis.layout import layout_for
 from ncis.metrics import auroc
 from ncis.resume import claim, work_key
-from ncis.runtime import item_generator, resolve_device, seed_everything, single_cpu_thread
+from ncis.runtime import autocast_dtype, compiled, item_generator, resolve_device, seed_everything, single_cpu_thread
 from ncis.scores import energy_score
 
 NORMALISATION_IMAGES = 5000  # mean/std are estimated on at most this many ID training images
@@ -294,6 +294,7 @@ def batch_loss(model, head, images, labels, outlier_images, energy_weight: float
 
 def train_epoch(model, head, optimizer, scheduler, id_loader, outlier_loader, settings, device, epoch: int) -> dict:
     model.train()
+    autocast = autocast_dtype(settings.precision, device)
     outliers = _cycle(outlier_loader) if outlier_loader is not None else None
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -304,13 +305,19 @@ def train_epoch(model, head, optimizer, scheduler, id_loader, outlier_loader, se
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         count = len(images)
         outlier_images = next(outliers)[0].to(device, non_blocking=True) if outliers is not None else None
-        loss, logits = batch_loss(model, head, images, labels, outlier_images, settings.energy_weight)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+            outlier_images = outlier_images.contiguous(memory_format=torch.channels_last) if outlier_images is not None else None
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss, logits = batch_loss(model, head, images, labels, outlier_images, settings.energy_weight)
+        logits = logits.float()
         if outliers is not None:
             energy = energy_score(logits.detach())
             id_energies.append(energy[:count])  # kept on the device: no sync per step
             outlier_energies.append(energy[count:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(head.parameters())  # the model's are averaged by DDP
         optimizer.step()
         scheduler.step()
         loss_sum += loss.detach() * count
@@ -401,9 +408,20 @@ def train(params, device: torch.device) -> dict:
         weight_decay=settings.weight_decay,
         nesterov=settings.momentum > 0,  # torch refuses Nesterov without momentum
     )
+    # Under torchrun each rank reads its share of the ID and outlier images (DistributedSampler)
+    # and DDP averages the gradients: one rank's batch is batch_size images.
     id_generator, outlier_generator = torch.Generator(), torch.Generator()
-    id_loader = make_loader(id_train, settings.batch_size, device, id_generator)
-    outlier_loader = make_loader(outliers, settings.outlier_batch_size, device, outlier_generator) if outliers is not None else None
+    id_sampler = distributed.sampler(id_train)
+    outlier_sampler = distributed.sampler(outliers) if outliers is not None else None
+    id_loader = make_loader(id_train, settings.batch_size, device, id_generator, id_sampler, settings.num_workers)
+    outlier_loader = (
+        make_loader(outliers, settings.outlier_batch_size, device, outlier_generator, outlier_sampler, settings.num_workers)
+        if outliers is not None
+        else None
+    )
+    if device.type == "cuda":  # cuDNN's fastest convolutions take NHWC
+        model = model.to(memory_format=torch.channels_last)
+    trained = compiled(distributed.parallel(model, device), params.compile)
     steps_per_epoch = len(id_loader)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=settings.epochs * steps_per_epoch, eta_min=settings.lr_min
@@ -423,7 +441,11 @@ def train(params, device: torch.device) -> dict:
             **({"init": Path(settings.init)} if settings.init else {}),
         },
     )
-    done, stats = resume(layout.classifier_checkpoints, key, settings.epochs, model, head, optimizer, scheduler, device)
+    # Rank 0 claims the folder (discarding other work) before the other ranks read it.
+    for turn in (True, False):
+        if distributed.is_main() == turn:
+            done, stats = resume(layout.classifier_checkpoints, key, settings.epochs, model, head, optimizer, scheduler, device)
+        distributed.barrier()
 
     # 4. Train, one checkpoint per epoch
     for epoch in range(done + 1, settings.epochs + 1):
@@ -433,9 +455,14 @@ def train(params, device: torch.device) -> dict:
         seed_everything(epoch_seed)
         id_generator.manual_seed(epoch_seed)
         outlier_generator.manual_seed(epoch_seed + 1)
-        stats = train_epoch(model, head, optimizer, scheduler, id_loader, outlier_loader, settings, device, epoch)
+        for sampler_ in (id_sampler, outlier_sampler):
+            if sampler_ is not None:
+                sampler_.set_epoch(epoch_seed)
+        stats = train_epoch(trained, head, optimizer, scheduler, id_loader, outlier_loader, settings, device, epoch)
         print(_summary(epoch, settings.epochs, stats))
         tracking.log_metrics(stats, step=epoch)
+        if not distributed.is_main():
+            continue  # rank 0 saves: every rank holds the same weights after each step
         save_checkpoint(
             layout.classifier_checkpoints,
             epoch,
@@ -453,7 +480,10 @@ def train(params, device: torch.device) -> dict:
             keep=settings.keep_checkpoints,
         )
 
-    # 5. Save
+    # 5. Save (rank 0)
+    distributed.barrier()
+    if not distributed.is_main():
+        return {}
     config = {
         "arch": settings.arch,
         "benchmark": params.benchmark,

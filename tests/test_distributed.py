@@ -1,0 +1,145 @@
+"""torchrun: sharded `embed` and `synthesize` write exactly what one process writes (gloo, 2 CPU ranks)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import pytest
+
+from ncis import distributed
+from ncis.cli import main as cli_main
+from ncis.config import load_params
+from ncis.datasets import write_image_folder
+from ncis.errors import UserError
+from ncis.io import save_arrays
+from ncis.layout import layout_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
+               f"--master_port={_free_port()}", "-m", "ncis.cli", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def _settings(outputs: Path, model: Path, *more: str) -> list[str]:
+    return [f"outputs={outputs}", f"diffusion.model={model}", "device=cpu", *more]
+
+
+def _cli_args(command: str, settings: list[str]) -> list[str]:
+    return [command, "--no-tracking", *[arg for s in settings for arg in ("--set", s)]]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _embed_inputs(outputs: Path, model: Path) -> list[str]:
+    settings = _settings(outputs, model, "embed.steps=2", "embed.noise_draws=4", "embed.chunk_size=5", "embed.batch_size=3")
+    rng = np.random.default_rng(0)
+    write_image_folder(layout_for(load_params(overrides=settings)).id_train, rng.integers(0, 256, (12, 8, 8, 1), dtype=np.uint8), np.arange(12) % 3)
+    return settings
+
+
+def test_sharded_embed_writes_the_single_process_embeddings(tmp_path, untrained_pipeline_dir, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    single = _embed_inputs(tmp_path / "single", untrained_pipeline_dir)
+    sharded = _embed_inputs(tmp_path / "sharded", untrained_pipeline_dir)
+    assert cli_main(_cli_args("embed", single)) == 0
+    done = torchrun(_cli_args("embed", sharded))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    single_layout, sharded_layout = (layout_for(load_params(overrides=s)) for s in (single, sharded))
+    assert sharded_layout.embeddings.read_bytes() == single_layout.embeddings.read_bytes()
+    # Chunks and summary too; the work key names each run's own image folder.
+    single_files, sharded_files = _files(single_layout.embed_dir), _files(sharded_layout.embed_dir)
+    assert single_files.pop("chunks/work-key.txt") != sharded_files.pop("chunks/work-key.txt")
+    assert sharded_files == single_files and len(single_files) == 5
+    assert not (tmp_path / "sharded" / ".ncis.lock").exists()  # released by rank 0 at the end
+
+
+def _synthesize_inputs(outputs: Path, model: Path) -> list[str]:
+    settings = _settings(outputs, model, "synthesize.steps=3", "synthesize.batch_size=7", "synthesize.control_per_class=2")
+    layout = layout_for(load_params(overrides=settings))
+    rng = np.random.default_rng(0)
+    write_image_folder(layout.id_train, rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8), np.arange(40) % 10)
+    save_arrays(layout.embeddings, embeddings=rng.normal(size=(40, 16)).astype(np.float32), labels=np.arange(40) % 10)
+    save_arrays(layout.outliers, outliers=rng.normal(size=(10, 3, 16)).astype(np.float32), labels=np.arange(10))
+    return settings
+
+
+def test_sharded_synthesize_writes_the_single_process_images(tmp_path, untrained_pipeline_dir, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    single = _synthesize_inputs(tmp_path / "single", untrained_pipeline_dir)
+    sharded = _synthesize_inputs(tmp_path / "sharded", untrained_pipeline_dir)
+    assert cli_main(_cli_args("synthesize", single)) == 0
+    done = torchrun(_cli_args("synthesize", sharded))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    single_layout, sharded_layout = (layout_for(load_params(overrides=s)) for s in (single, sharded))
+    images = _files(single_layout.synthetic_images)
+    assert len(images) == 30
+    assert _files(sharded_layout.synthetic_images) == images
+    assert _files(sharded_layout.synth_dir) == _files(single_layout.synth_dir)  # preview and diagnostics too
+
+
+def test_a_job_whose_outputs_are_locked_fails_on_every_rank_with_one_line(tmp_path, untrained_pipeline_dir):
+    from ncis.lock import outputs_lock
+
+    settings = _embed_inputs(tmp_path, untrained_pipeline_dir)
+    with outputs_lock(tmp_path, command="ncis other"):
+        done = torchrun(_cli_args("embed", settings))
+    assert done.returncode != 0
+    # Each rank says it in one line (torchrun itself then reports the failed workers).
+    assert done.stderr.count("ncis: error: outputs folder") == 2 and "in use by `ncis other`" in done.stderr
+    assert 'ncis/cli.py", line' not in done.stderr
+
+
+def test_one_process_helpers_are_no_ops():
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert distributed.shard([3, 4, 5]) == [3, 4, 5]
+    assert distributed.gather("x") == ["x"] and distributed.broadcast(7) == 7
+    distributed.barrier()
+
+
+def test_held_by_main_passes_the_refusal_on(tmp_path):
+    def refuse():
+        raise UserError("outputs folder busy")
+
+    with pytest.raises(UserError, match="busy"):
+        with distributed.held_by_main(refuse):
+            pass
+
+
+def test_ddp_training_shares_the_data_and_writes_one_classifier(tmp_path):
+    import json
+
+    from test_classifier import make_tiny_data
+
+    from ncis.classifiers import load_classifier
+
+    make_tiny_data(tmp_path)  # 40 ID images, outliers capped at 10 below
+    settings = [f"outputs={tmp_path}", "device=cpu", "classifier.arch=small_cnn", "classifier.epochs=2", "classifier.batch_size=8",
+                "classifier.outlier_batch_size=4", "classifier.max_outliers=10"]
+    done = torchrun(_cli_args("train-classifier", settings))
+    assert done.returncode == 0, done.stderr[-3000:]
+    layout = layout_for(load_params(overrides=settings))
+    assert sorted(p.name for p in layout.classifier_checkpoints.iterdir()) == ["epoch_0001", "epoch_0002", "work-key.txt"]
+    # Each of the 2 ranks read 20 of the 40 ID images: 2 full batches of 8 per epoch (one process: 5).
+    assert json.loads((layout.classifier_checkpoints / "epoch_0002" / "state.json").read_text())["steps_per_epoch"] == 2
+    model, config = load_classifier(layout.classifier)
+    assert config["epochs"] == 2 and model(torch.rand(3, 1, 8, 8)).shape == (3, 10)

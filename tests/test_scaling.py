@@ -1,0 +1,44 @@
+"""GPU fast paths: their device-right defaults leave CPU runs as they were."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from ncis.classifiers import loader_workers
+from ncis.config import is_placement, load_params
+from ncis.diffusion import load_pipeline
+from ncis.runtime import autocast_dtype, compiled
+
+
+def test_the_unet_attends_through_pytorch_sdpa(untrained_pipeline_dir):
+    pipe = load_pipeline(untrained_pipeline_dir)
+    processors = pipe.unet.attn_processors
+    assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors.values())
+
+
+def test_auto_settings_change_nothing_on_the_cpu_and_speed_up_cuda():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("auto", cuda) == torch.bfloat16
+    assert autocast_dtype("float32", cuda) is None and autocast_dtype("bfloat16", cpu) == torch.bfloat16
+    assert loader_workers("auto", cpu) == 0 and loader_workers("auto", cuda) >= 1 and loader_workers(3, cpu) == 3
+    params = load_params()
+    assert params.classifier.precision == "auto" and params.classifier.num_workers == "auto" and params.compile is False
+    # They change results (augmentation streams, rounding), so DVC reruns a stage for them.
+    assert not any(is_placement(k) for k in ("compile", "classifier.precision", "classifier.num_workers"))
+
+
+def test_compile_is_off_unless_asked():
+    module = torch.nn.Linear(2, 2)
+    assert compiled(module, False) is module
+    assert compiled(module, True) is not module
+
+
+def test_bfloat16_classifier_training_runs_on_the_cpu(tmp_path):
+    from test_classifier import make_tiny_data, tiny_params
+
+    from ncis.train_classifier import main
+
+    make_tiny_data(tmp_path)
+    config = main(tiny_params(tmp_path, epochs=1, precision="bfloat16"))
+    assert torch.isfinite(torch.tensor(config["train_stats"]["train/loss"]))
