@@ -60,21 +60,21 @@ def invert(
     positions: torch.Tensor,
     init_vectors: torch.Tensor,
     generators: list[torch.Generator],
-    cfg: EmbedParams,
+    settings: EmbedParams,
 ) -> InversionResult:
     """Optimise one class-token vector per image (rows of `latents`) with Adam on the epsilon MSE."""
     device = latents.device
-    batch, draws = latents.shape[0], cfg.noise_draws
+    batch, draws = latents.shape[0], settings.noise_draws
     model_dtype = pipe.unet.dtype
     vectors = init_vectors.detach().clone().float().to(device).requires_grad_(True)
-    optimizer = torch.optim.Adam([vectors], lr=cfg.lr)
+    optimizer = torch.optim.Adam([vectors], lr=settings.lr)
     loss_scale = FLOAT16_LOSS_SCALE
     scheduler = pipe.scheduler
     latents_per_draw = latents.float().repeat_interleave(draws, dim=0)
-    for _ in range(cfg.steps):
+    for _ in range(settings.steps):
         noise = torch.stack([torch.randn((draws, *latents.shape[1:]), generator=g) for g in generators]).to(device)
         timesteps = torch.stack(
-            [torch.randint(0, cfg.timestep_count, (draws,), generator=g) * cfg.timestep_stride + 1 for g in generators]
+            [torch.randint(0, settings.timestep_count, (draws,), generator=g) * settings.timestep_stride + 1 for g in generators]
         ).to(device)
         noise, timesteps = noise.flatten(0, 1), timesteps.flatten()
         noisy = scheduler.add_noise(latents_per_draw, noise, timesteps).to(model_dtype)
@@ -129,14 +129,14 @@ def _work_key(params: Params, images: Path) -> str:
 
 
 def main(params: Params) -> dict:
-    cfg = params.embed
+    settings = params.embed
     layout = layout_for(params)
     benchmark = get_benchmark(params.benchmark)
     device = resolve_device(params.device)
 
     # 1. The model, and the training images at its resolution: the original files where the
     #    benchmark keeps them (ImageNet-100: the paper resizes and crops the JPEGs to 512).
-    pipe = load_for_params(params, device, cfg.dtype)
+    pipe = load_for_params(params, device, settings.dtype)
     pipe.unet = compiled(pipe.unet, params.compile)
     side = resolution(pipe)
     mode = "RGB" if image_channels(pipe) == 3 else "L"
@@ -148,14 +148,14 @@ def main(params: Params) -> dict:
         ),
     )
     # image_limit: evenly spaced over the (class-sorted) set, so every class keeps its share.
-    count = min(len(dataset), cfg.image_limit) if cfg.image_limit else len(dataset)
+    count = min(len(dataset), settings.image_limit) if settings.image_limit else len(dataset)
     picked = np.unique(np.linspace(0, len(dataset) - 1, count).round().astype(int))
     count = len(picked)
     labels_all = np.asarray(dataset.targets, dtype=np.int64)[picked]
 
     # 2. The prompt per class in the paper's words, and the token each image's vector starts from.
     token_names = list(benchmark.token_names)
-    ids_per_class, positions_per_class = tokenize_prompts(pipe, cfg.prompt, token_names)
+    ids_per_class, positions_per_class = tokenize_prompts(pipe, settings.prompt, token_names)
     table = token_embedding_table(pipe).weight.detach().float().cpu()
     class_tokens = table[ids_per_class[torch.arange(len(token_names)), positions_per_class]]
 
@@ -165,18 +165,18 @@ def main(params: Params) -> dict:
     if distributed.is_main():
         claim(chunks, _work_key(params, images_folder))
     distributed.barrier()
-    starts = list(range(0, count, cfg.chunk_size))
+    starts = list(range(0, count, settings.chunk_size))
     mine = distributed.shard(starts)
-    progress = tqdm(total=sum(min(start + cfg.chunk_size, count) - start for start in mine), desc="embed: textual inversion", unit="img")
+    progress = tqdm(total=sum(min(start + settings.chunk_size, count) - start for start in mine), desc="embed: textual inversion", unit="img")
     for start in mine:
         path = chunks / f"{start:08d}.npz"
-        stop = min(start + cfg.chunk_size, count)
+        stop = min(start + settings.chunk_size, count)
         if path.exists():
             progress.update(stop - start)
             continue
         vectors, losses = [], []
-        for batch_start in range(start, stop, cfg.batch_size):
-            indices = list(range(batch_start, min(batch_start + cfg.batch_size, stop)))
+        for batch_start in range(start, stop, settings.batch_size):
+            indices = list(range(batch_start, min(batch_start + settings.batch_size, stop)))
             images = torch.stack([dataset[picked[i]][0] for i in indices]).to(device)
             labels = torch.from_numpy(labels_all[indices])
             with torch.no_grad():
@@ -188,7 +188,7 @@ def main(params: Params) -> dict:
                 positions_per_class[labels],
                 class_tokens[labels],
                 [item_generator(params.seed, index) for index in picked[indices].tolist()],
-                cfg,
+                settings,
             )
             vectors.append(result.vectors)
             losses.append(result.losses)

@@ -36,22 +36,22 @@ def render(pipe, params: Params, benchmark, labels: np.ndarray, vectors: np.ndar
 
     The prompt names the class in the paper's words (`prompt_names`, e.g. "aquarium fish"); the
     vector replaces the token `embed` inverted (first token of `token_names`, e.g. "fish")."""
-    cfg = params.synthesize
+    settings = params.synthesize
     if len(labels) == 0:
-        return np.zeros((0, cfg.save_size, cfg.save_size, image_channels(pipe)), np.uint8)
+        return np.zeros((0, settings.save_size, settings.save_size, image_channels(pipe)), np.uint8)
     out = []
-    starts = distributed.shard(range(0, len(labels), cfg.batch_size))
+    starts = distributed.shard(range(0, len(labels), settings.batch_size))
     for start in tqdm(starts, desc=desc, unit="batch", disable=not distributed.is_main()):
-        rows = slice(start, start + cfg.batch_size)
+        rows = slice(start, start + settings.batch_size)
         ids, positions = tokenize_prompts(
-            pipe, cfg.prompt, [benchmark.prompt_names[c] for c in labels[rows]], [benchmark.token_names[c] for c in labels[rows]]
+            pipe, settings.prompt, [benchmark.prompt_names[c] for c in labels[rows]], [benchmark.token_names[c] for c in labels[rows]]
         )
         with torch.no_grad():
             embeds = encode_text(pipe, ids, positions, torch.from_numpy(vectors[rows]))
         generators = [item_generator(params.seed, int(n)) for n in noise_ids[rows]]
-        images = generate(pipe, embeds, cfg.steps, cfg.guidance_scale, initial_latents(pipe, generators, cfg.noise_scale), cfg.scheduler)
-        out.append(_to_uint8(images, cfg.save_size))
-    return _merged(out, starts, len(labels), cfg.save_size, image_channels(pipe))
+        images = generate(pipe, embeds, settings.steps, settings.guidance_scale, initial_latents(pipe, generators, settings.noise_scale), settings.scheduler)
+        out.append(_to_uint8(images, settings.save_size))
+    return _merged(out, starts, len(labels), settings.save_size, image_channels(pipe))
 
 
 def _merged(batches: list[np.ndarray], starts: list[int], count: int, size: int, channels: int) -> np.ndarray:
@@ -106,17 +106,17 @@ def preview_grid(real: list[np.ndarray], fake: list[np.ndarray], path, cell: int
 
 
 def main(params: Params) -> dict:
-    cfg = params.synthesize
+    settings = params.synthesize
     layout = layout_for(params)
     benchmark = get_benchmark(params.benchmark)
     pool = load_arrays(layout.outliers)
     outliers = pool["outliers"]  # [C, M, D]
     classes, per_pool = outliers.shape[:2]
-    labels, picks = outlier_rows(per_pool, classes, cfg.images_per_class, cfg.images_per_embedding, params.seed)
+    labels, picks = outlier_rows(per_pool, classes, settings.images_per_class, settings.images_per_embedding, params.seed)
     per_class = len(labels) // classes
     vectors = outliers[labels, picks]
 
-    pipe = load_for_params(params, resolve_device(params.device), cfg.dtype)
+    pipe = load_for_params(params, resolve_device(params.device), settings.dtype)
     pipe.unet = compiled(pipe.unet, params.compile)
     images = render(pipe, params, benchmark, labels, vectors, np.arange(len(labels)), "synthesize: outliers")
 
@@ -124,7 +124,7 @@ def main(params: Params) -> dict:
     # of its class, so the pair differs only by the embedding.
     embedded = load_arrays(layout.embeddings)
     rng = np.random.default_rng(params.seed)
-    control_count = min(cfg.control_per_class, per_class)
+    control_count = min(settings.control_per_class, per_class)
     paired = np.concatenate([np.arange(c * per_class, c * per_class + control_count) for c in range(classes)])
     control_labels = labels[paired]
     members = [np.flatnonzero(embedded["labels"] == c) for c in range(classes)]
@@ -133,7 +133,7 @@ def main(params: Params) -> dict:
     if not distributed.is_main():
         return {}  # rank 0 has every image: it writes and logs
 
-    side = min(cfg.save_size, 32)
+    side = min(settings.save_size, 32)
     id_images, id_labels = load_images(layout.id_train, benchmark.channels, side, limit=DIAGNOSTIC_IMAGES, seed=params.seed)
     small = lambda x: _to_uint8(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255, side, antialias=True)  # noqa: E731
     small_images = small(images)
@@ -155,8 +155,8 @@ def main(params: Params) -> dict:
     with atomic_path(layout.synth_dir) as folder:
         folder.mkdir()
         write_image_folder(folder / layout.synthetic_images.name, images, labels)
-        real = [id_images[id_labels == c][: cfg.preview_per_class] for c in range(classes)]
-        fake = [small_images[labels == c][: cfg.preview_per_class] for c in range(classes)]
+        real = [id_images[id_labels == c][: settings.preview_per_class] for c in range(classes)]
+        fake = [small_images[labels == c][: settings.preview_per_class] for c in range(classes)]
         preview_grid(real, fake, folder / layout.preview.name)
         write_json(folder / "diagnostics.json", report)
     tracking.log_summary({f"synthesize/{k}": v for k, v in report.items()})  # also on the pipeline run
