@@ -20,7 +20,7 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 # Keys that say where or how a run happens, never what it computes: DVC does not rerun a stage for
 # them, and run names and `ncis compare` leave them out.
-PLACEMENT_KEYS = frozenset({"outputs", "device", "tracking.enabled", "diffusion.allow_pickle"})
+PLACEMENT_KEYS = frozenset({"outputs", "device", "tracking.enabled", "diffusion.allow_pickle", "embed.gradient_checkpointing"})
 
 
 class Section(BaseModel):
@@ -74,6 +74,10 @@ class EmbedParams(Section):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         description="precision of the diffusion model's weights (auto = float32 on CPU, float16 on CUDA); the token "
         "vectors, the noising and the loss stay float32 (docs/stable-diffusion.md)"
+    )
+    gradient_checkpointing: bool = Field(
+        description="recompute the UNet's activations in the backward pass instead of keeping them: far less memory "
+        "per image (32 draws of SD at 512), more compute, the same vectors"
     )
 
 

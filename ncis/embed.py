@@ -118,7 +118,7 @@ def _work_key(params: Params, images: Path) -> str:
     benchmark = get_benchmark(params.benchmark)
     source = model_source(params)
     settings = {
-        "embed": params.embed.model_dump(),
+        "embed": params.embed.model_dump(exclude={"gradient_checkpointing"}),  # memory, not results
         "model": source,
         "precision": str(resolve_dtype(params.embed.dtype, resolve_device(params.device))),  # auto: per device
         "seed": params.seed,
@@ -137,6 +137,8 @@ def main(params: Params) -> dict:
     # 1. The model, and the training images at its resolution: the original files where the
     #    benchmark keeps them (ImageNet-100: the paper resizes and crops the JPEGs to 512).
     pipe = load_for_params(params, device, settings.dtype)
+    if settings.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
     pipe.unet = compiled(pipe.unet, params.compile)
     side = resolution(pipe)
     mode = "RGB" if image_channels(pipe) == 3 else "L"

@@ -55,6 +55,7 @@ def _embed_inputs(outputs: Path, model: Path) -> list[str]:
     return settings
 
 
+@pytest.mark.slow  # two torchrun processes: ~20 s
 def test_sharded_embed_writes_the_single_process_embeddings(tmp_path, untrained_pipeline_dir, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     single = _embed_inputs(tmp_path / "single", untrained_pipeline_dir)
@@ -82,6 +83,7 @@ def _synthesize_inputs(outputs: Path, model: Path) -> list[str]:
     return settings
 
 
+@pytest.mark.slow  # two torchrun processes: ~20 s
 def test_sharded_synthesize_writes_the_single_process_images(tmp_path, untrained_pipeline_dir, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     single = _synthesize_inputs(tmp_path / "single", untrained_pipeline_dir)
@@ -97,6 +99,7 @@ def test_sharded_synthesize_writes_the_single_process_images(tmp_path, untrained
     assert _files(sharded_layout.synth_dir) == _files(single_layout.synth_dir)  # preview and diagnostics too
 
 
+@pytest.mark.slow  # two torchrun processes: ~20 s
 def test_a_job_whose_outputs_are_locked_fails_on_every_rank_with_one_line(tmp_path, untrained_pipeline_dir):
     from ncis.lock import outputs_lock
 
@@ -125,6 +128,7 @@ def test_held_by_main_passes_the_refusal_on(tmp_path):
             pass
 
 
+@pytest.mark.slow  # two torchrun processes: ~20 s
 def test_ddp_training_shares_the_data_and_writes_one_classifier(tmp_path):
     import json
 

@@ -42,3 +42,24 @@ def test_bfloat16_classifier_training_runs_on_the_cpu(tmp_path):
     make_tiny_data(tmp_path)
     config = main(tiny_params(tmp_path, epochs=1, precision="bfloat16"))
     assert torch.isfinite(torch.tensor(config["train_stats"]["train/loss"]))
+
+
+def test_gradient_checkpointing_inverts_to_the_same_vectors(untrained_pipeline_dir):
+    from ncis import embed
+    from ncis.diffusion import encode_images, token_embedding_table, tokenize_prompts
+    from ncis.runtime import item_generator
+
+    params = load_params(overrides=["embed.steps=2", "embed.noise_draws=3"])
+    pipe = load_pipeline(untrained_pipeline_dir)
+    ids, positions = tokenize_prompts(pipe, params.embed.prompt, ["zero", "one"])
+    init = token_embedding_table(pipe).weight[ids[torch.arange(2), positions]].detach()
+    latents = encode_images(pipe, torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)))
+
+    def vectors():
+        return embed.invert(pipe, latents, ids, positions, init, [item_generator(0, i) for i in range(2)], params.embed).vectors
+
+    plain = vectors()
+    pipe.unet.enable_gradient_checkpointing()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in pipe.unet.modules())
+    assert torch.allclose(vectors(), plain, atol=1e-6) and (plain - init).abs().max() > 1e-3
+    assert is_placement("embed.gradient_checkpointing")
