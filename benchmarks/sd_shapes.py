@@ -16,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ncis.diffusion import ready
 from ncis.tiny_diffusion import build_pipeline, build_tokenizer, prompt_words
 
 # SD 1.4's scheduler/scheduler_config.json (PNDM without PRK steps = PLMS).
@@ -76,15 +77,5 @@ def digits_shapes(params, class_names: list[str]) -> StableDiffusionPipeline:
 
 
 def to_device(pipe: StableDiffusionPipeline, device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
-    """What ncis.diffusion.load_pipeline does to a loaded pipeline: frozen, eval mode, on `device`."""
-    pipe = pipe.to(device, dtype)
-    if pipe.vae is None:
-        pipe.vae_scale_factor = 1
-        pipe.image_processor.config.vae_scale_factor = 1
-    else:
-        pipe.vae.enable_slicing()
-    pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        if module is not None:
-            module.requires_grad_(False).eval()
-    return pipe
+    """What ncis.diffusion.load_pipeline does to a loaded pipeline (frozen, eval mode, on `device`), in `dtype`."""
+    return ready(pipe.to(dtype=dtype), device)

@@ -70,6 +70,11 @@ def load_pipeline(
             pipe = StableDiffusionPipeline.from_pretrained(source, use_safetensors=not allow_pickle or None, **kwargs)
     except LOAD_ERRORS as err:
         raise UserError(_load_error_message(source, single_file, single_file_config, err)) from None
+    return ready(pipe, device)
+
+
+def ready(pipe: StableDiffusionPipeline, device: torch.device | str) -> StableDiffusionPipeline:
+    """A loaded (or freshly built) pipeline as every stage uses it: frozen, in eval mode, on `device`."""
     if pipe.vae is None:
         # Pixel-space model: latents are the images, so nothing is scaled.
         pipe.vae_scale_factor = 1
