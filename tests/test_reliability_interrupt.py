@@ -106,12 +106,14 @@ def interrupt(child: Child, pattern: str, signum: int, rng: random.Random) -> tu
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_a_stage_killed_at_random_points_resumes_to_the_identical_result(reference, tmp_path, stage):
     finals, bookkeeping, pattern = STAGES[stage]
-    outputs = copy_outputs(reference, tmp_path / "outputs", without=finals + bookkeeping)
-    inputs = without(digests(outputs), finals + bookkeeping)
     expected = stage_digests(reference, finals)
     rng = random.Random(f"{stage}-{time.time_ns()}")
 
+    # Each signal on a fresh copy of the stage's inputs: after one interruption the rerun resumes
+    # most of the work, and a second signal could then land after the shortened loop ended.
     for signum in (signal.SIGKILL, signal.SIGINT):
+        outputs = copy_outputs(reference, tmp_path / f"outputs-{signum}", without=finals + bookkeeping)
+        inputs = without(digests(outputs), finals + bookkeeping)
         child = Child(args(stage, outputs), tmp_path)
         at, took = interrupt(child, pattern, signum, rng)
         print(f"{stage}: {signal.Signals(signum).name} at step {at}, exit after {took:.1f} s")
@@ -132,15 +134,15 @@ def test_a_stage_killed_at_random_points_resumes_to_the_identical_result(referen
         else:
             assert child.process.returncode == -signal.SIGKILL
 
-    code, output = run_ncis(args(stage, outputs), tmp_path)
-    assert code == 0, readable(output)
-    assert stage_digests(outputs, finals) == expected
-    assert debris(outputs) == [], "the rerun sweeps what the killed run left"
-    if stage == "train-classifier":  # resumed from its checkpoints: their weights are the reference's too
-        weights = [k for k in digests(outputs / "classifier_checkpoints") if k.endswith(".safetensors")]
-        assert weights and all(
-            digests(outputs / "classifier_checkpoints")[k] == digests(reference / "classifier_checkpoints")[k] for k in weights
-        )
+        code, output = run_ncis(args(stage, outputs), tmp_path)
+        assert code == 0, readable(output)
+        assert stage_digests(outputs, finals) == expected
+        assert debris(outputs) == [], "the rerun sweeps what the killed run left"
+        if stage == "train-classifier":  # resumed from its checkpoints: their weights are the reference's too
+            weights = [k for k in digests(outputs / "classifier_checkpoints") if k.endswith(".safetensors")]
+            assert weights and all(
+                digests(outputs / "classifier_checkpoints")[k] == digests(reference / "classifier_checkpoints")[k] for k in weights
+            )
 
 
 def test_every_stage_is_deterministic_on_the_cpu(reference, tmp_path):
