@@ -225,7 +225,7 @@ def test_ctrl_c_marks_the_stage_and_pipeline_runs_killed(experiment, fake_stages
 
     assert main(["run", "--set", f"outputs={outputs}"]) == 130  # the CLI's answer to Ctrl-C
 
-    assert "interrupted" in capsys.readouterr().err
+    assert "ncis: stopped by SIGINT during stage train-cvpn" in capsys.readouterr().err
     parent, children = pipeline_runs(experiment, str(outputs))
     assert parent.info.status == "KILLED"
     assert [(c.info.run_name, c.info.status) for c in children][-1] == ("train-cvpn", "KILLED")
