@@ -25,9 +25,13 @@ pytestmark = pytest.mark.slow
 LONG = [
     *TINY,
     "diffusion.train_steps=120",
-    "embed.image_limit=100",
+    # embed: ~10 s (at TINY's 1 step x 2 draws, 100 images took 0.4 s: one progress update, and the
+    # signal landed after the stage had ended)
+    "embed.image_limit=200",
+    "embed.steps=3",
+    "embed.noise_draws=8",
     "embed.chunk_size=10",
-    "embed.batch_size=10",
+    "embed.batch_size=5",
     "cvpn.epochs=150",
     "synthesize.steps=10",
     "synthesize.batch_size=4",
@@ -43,10 +47,10 @@ def args(command: str, outputs: Path, *more: str) -> list[str]:
 # dropped by a rerun; their fingerprints hold file times, so they are left out of comparisons);
 # and how its loop shows progress (a regex whose groups are (done, total)).
 STAGES = {
-    "prepare": (["data", "diffusion"], [], r"prepare: tiny diffusion model:.*?(\d+)/(\d+) \["),
+    "prepare": (["data", "diffusion"], ["diffusion_checkpoints"], r"prepare: tiny diffusion model:.*?(\d+)/(\d+) \["),
     "embed": (["embed/embeddings.npz", "embed/summary.json"], ["embed/chunks"], r"embed: textual inversion:.*?(\d+)/(\d+) \["),
-    "train-cvpn": (["cvpn"], [], r"train-cvpn:.*?(\d+)/(\d+) \["),
-    "synthesize": (["synthesize"], [], r"synthesize: outliers:.*?(\d+)/(\d+) \["),
+    "train-cvpn": (["cvpn"], ["cvpn_checkpoints"], r"train-cvpn:.*?(\d+)/(\d+) \["),
+    "synthesize": (["synthesize"], ["synthesize_batches"], r"synthesize: outliers:.*?(\d+)/(\d+) \["),
     "train-classifier": (["classifier"], ["classifier_checkpoints"], r"epoch (\d+)/(\d+):"),
 }
 # Resume bookkeeping that differs between identical runs: it records input files' modification times.
@@ -97,6 +101,8 @@ def interrupt(child: Child, pattern: str, signum: int, rng: random.Random) -> tu
     while progress(child.output, pattern) < target:
         assert child.process.poll() is None, f"ended before step {target} of {total}:\n{readable(child.output)}"
         time.sleep(0.05)
+    done = progress(child.output, pattern)
+    assert done < total, f"the loop had ended ({done}/{total}) before the signal: make its LONG settings longer"
     sent = time.monotonic()
     assert child.signal(signum), "the stage ended before the signal"
     child.wait(timeout=120)
@@ -134,8 +140,11 @@ def test_a_stage_killed_at_random_points_resumes_to_the_identical_result(referen
         else:
             assert child.process.returncode == -signal.SIGKILL
 
+        # Work saved before the signal (more than the work key's stamp) is resumed, not redone.
+        saved = [p for name in bookkeeping for p in (outputs / name).rglob("*") if p.is_file() and p.name != "work-key.txt"]
         code, output = run_ncis(args(stage, outputs), tmp_path)
         assert code == 0, readable(output)
+        assert ("resuming" in output) == bool(saved), readable(output)
         assert stage_digests(outputs, finals) == expected
         assert debris(outputs) == [], "the rerun sweeps what the killed run left"
         if stage == "train-classifier":  # resumed from its checkpoints: their weights are the reference's too
