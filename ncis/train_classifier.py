@@ -20,21 +20,18 @@ from the last complete one.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from ncis import distributed, tracking
+from ncis import checkpoints, distributed, tracking
 from ncis.classifiers import (
     Classifier,
     build_classifier,
@@ -46,7 +43,7 @@ from ncis.classifiers import (
 )
 from ncis.datasets import get_benchmark
 from ncis.errors import UserError
-from ncis.io import atomic_path, load_state, load_weights, read_json, read_safetensors, save_weights
+from ncis.io import load_state, load_weights, save_weights
 from ncis.layout import layout_for
 from ncis.metrics import auroc
 from ncis.resume import claim, work_key
@@ -205,66 +202,20 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 # --- checkpoints --------------------------------------------------------------------------
 
 
-def _checkpoint_dirs(folder: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (atomic writes: a folder exists only once whole), oldest first."""
-    found = []
-    for path in folder.glob("epoch_*") if folder.is_dir() else []:
-        if (path / "state.safetensors").exists() and (path / "state.json").exists():
-            found.append((int(path.name.split("_")[1]), path))
-    return sorted(found)
-
-
 def save_checkpoint(folder: Path, epoch: int, model, head, optimizer, scheduler, meta: dict, keep: int) -> None:
-    """Write epoch `epoch`'s checkpoint, then delete all but the `keep` newest (a ResNet-34 one is ~170 MB)."""
-    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"head/{k}": v for k, v in head.state_dict().items()})
-    optim = optimizer.state_dict()
-    optim_scalars: dict[str, dict] = {}
-    for index, values in optim["state"].items():
-        for key, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer/{index}/{key}"] = value
-            else:
-                optim_scalars.setdefault(str(index), {})[key] = value
-    meta = dict(
-        meta,
-        epoch=epoch,
-        optimizer={"param_groups": optim["param_groups"], "state": optim_scalars},
-        scheduler=scheduler.state_dict(),
-    )
-    with atomic_path(folder / f"epoch_{epoch:04d}") as tmp:
-        tmp.mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
-    for _, old in _checkpoint_dirs(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(path: Path, model, head, optimizer, scheduler, device: torch.device) -> dict:
-    tensors = read_safetensors(path / "state.safetensors", device=str(device))
-    meta = read_json(path / "state.json")
-    model.load_state_dict({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("model/")})
-    head.load_state_dict({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("head/")})
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        if name.startswith("optimizer/"):
-            _, index, key = name.split("/", 2)
-            state.setdefault(int(index), {})[key] = value
-    for index, values in meta["optimizer"]["state"].items():
-        state.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-    return meta
+    """Epoch `epoch`'s checkpoint; all but the `keep` newest are deleted (a ResNet-34 one is ~170 MB)."""
+    checkpoints.save(folder, "epoch", epoch, modules={"model": model, "head": head}, optimizer=optimizer, scheduler=scheduler, meta=meta, keep=keep)
 
 
 def resume(folder: Path, key: str, epochs: int, model, head, optimizer, scheduler, device) -> tuple[int, dict]:
     """Load the last complete checkpoint of the work `key` (ncis/resume.py; checkpoints of other
     work are discarded); returns (epochs done, their last stats)."""
-    found = _checkpoint_dirs(folder) if claim(folder, key) else []
+    found = checkpoints.saved(folder, "epoch") if claim(folder, key) else []
     if not found:
         return 0, {}
     epoch, path = found[-1]
-    meta = load_checkpoint(path, model, head, optimizer, scheduler, device)  # a damaged checkpoint is refused first
+    # A damaged checkpoint is refused first.
+    meta, _ = checkpoints.load(path, modules={"model": model, "head": head}, optimizer=optimizer, scheduler=scheduler, device=device)
     if meta["epochs"] != epochs:
         # Its cosine schedule was planned over the old length; stretching it from the middle
         # would give a schedule neither run describes.
