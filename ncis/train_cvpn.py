@@ -11,7 +11,10 @@ The checkpoint with the best held-out invariant MSE is kept (the training set's 
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +22,7 @@ from sklearn.decomposition import PCA
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from ncis import tracking
+from ncis import checkpoints, tracking
 from ncis.config import CvpnParams, Params
 from ncis.cvpn import CVPN, count_invariants
 from ncis.datasets import get_benchmark
@@ -27,6 +30,7 @@ from ncis.embeddings import load_embeddings
 from ncis.errors import UserError
 from ncis.io import save_weights
 from ncis.layout import layout_for
+from ncis.resume import claim, work_key
 from ncis.runtime import resolve_device, seed_everything, single_cpu_thread
 
 EVAL_CHUNK = 8192  # rows per forward pass when evaluating, to bound memory on large embedding sets
@@ -86,14 +90,25 @@ def fit_cvpn(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    checkpoint_folder: Path | None = None,
 ) -> FitResult:
-    """Train a cVPN with `num_invariants` invariants; keep the epoch with the lowest held-out invariant MSE."""
+    """Train a cVPN with `num_invariants` invariants; keep the epoch with the lowest held-out invariant MSE.
+
+    With `checkpoint_folder`, every epoch is checkpointed there and a stopped run of the same work
+    (settings, seed, data, device type) resumes after its last epoch, to the same result."""
     device = torch.device(device)
     with single_cpu_thread(device):
-        return _fit(embeddings, labels, num_classes, settings, num_invariants, seed, device, progress)
+        return _fit(embeddings, labels, num_classes, settings, num_invariants, seed, device, progress, checkpoint_folder)
 
 
-def _fit(embeddings, labels, num_classes, settings, num_invariants, seed, device, progress) -> FitResult:
+def _work_key(embeddings, labels, settings, num_invariants, seed, device) -> str:
+    data = hashlib.sha256(np.ascontiguousarray(embeddings).tobytes() + np.ascontiguousarray(labels).tobytes()).hexdigest()
+    return work_key(
+        {"cvpn": settings.model_dump(), "num_invariants": num_invariants, "seed": seed, "device": device.type, "data": data}
+    )
+
+
+def _fit(embeddings, labels, num_classes, settings, num_invariants, seed, device, progress, checkpoint_folder) -> FitResult:
     generator = torch.Generator().manual_seed(seed)
     train_index, holdout_index = split_holdout(labels, settings.holdout_fraction, seed)
     x = torch.as_tensor(embeddings, dtype=torch.float32, device=device)
@@ -124,7 +139,19 @@ def _fit(embeddings, labels, num_classes, settings, num_invariants, seed, device
     invariant_mse, reconstruction_mse = evaluate(model, x_select, y_select)
     history = [{"epoch": 0, f"{selected_on}_invariant_mse": invariant_mse, f"{selected_on}_reconstruction_mse": reconstruction_mse}]
     best = (invariant_mse, 0, {k: v.clone() for k, v in model.state_dict().items()})
-    epochs = tqdm(range(1, settings.epochs + 1), desc="train-cvpn", unit="epoch", disable=not progress)
+    done = 0
+    if checkpoint_folder is not None:
+        key = _work_key(embeddings, labels, settings, num_invariants, seed, device)
+        found = checkpoints.saved(checkpoint_folder, "epoch") if claim(checkpoint_folder, key) else []
+        if found:
+            done, path = found[-1]
+            meta, kept = checkpoints.load(
+                path, modules={"model": model}, optimizer=optimizer, scheduler=scheduler, generators={"shuffle": generator}, device=device
+            )
+            history = meta["history"]
+            best = (meta["best_invariant_mse"], meta["best_epoch"], {k.split("/", 1)[1]: v for k, v in kept.items()})
+            print(f"train-cvpn: resuming after epoch {done} from {path}")
+    epochs = tqdm(range(done + 1, settings.epochs + 1), desc="train-cvpn", unit="epoch", disable=not progress, initial=done, total=settings.epochs)
     for epoch in epochs:
         model.train()
         invariant_sum, reconstruction_sum = 0.0, 0.0
@@ -160,6 +187,18 @@ def _fit(embeddings, labels, num_classes, settings, num_invariants, seed, device
         epochs.set_postfix(inv=f"{metrics['invariant_loss']:.3g}", rec=f"{metrics['reconstruction_loss']:.3g}")
         if invariant_mse < best[0]:
             best = (invariant_mse, epoch, {k: v.clone() for k, v in model.state_dict().items()})
+        if checkpoint_folder is not None:
+            checkpoints.save(
+                checkpoint_folder,
+                "epoch",
+                epoch,
+                modules={"model": model},
+                optimizer=optimizer,
+                scheduler=scheduler,
+                generators={"shuffle": generator},
+                tensors={f"best/{k}": v for k, v in best[2].items()},
+                meta={"work_key": key, "history": history, "best_invariant_mse": best[0], "best_epoch": best[1]},
+            )
 
     model.load_state_dict(best[2])
     return FitResult(model.eval(), best[1], best[0], selected_on, train_index, holdout_index, history)
@@ -193,7 +232,9 @@ def main(params: Params) -> dict:
 
     settings = params.cvpn
     num_invariants = count_invariants(embeddings, labels, settings.pca_variance_percent, settings.invariant_rule)
-    result = fit_cvpn(embeddings, labels, num_classes, settings, num_invariants, seed=params.seed, device=device)
+    result = fit_cvpn(
+        embeddings, labels, num_classes, settings, num_invariants, seed=params.seed, device=device, checkpoint_folder=layout.cvpn_checkpoints
+    )
 
     eval_index = result.holdout_index if len(result.holdout_index) else result.train_index
     x = torch.as_tensor(embeddings[eval_index], device=device)
@@ -215,6 +256,7 @@ def main(params: Params) -> dict:
         "reconstruction_vs_pca": cvpn_reconstruction / pca_reconstruction if pca_reconstruction > 0 else None,
     }
     save_weights(layout.cvpn, result.model, saved)
+    shutil.rmtree(layout.cvpn_checkpoints, ignore_errors=True)  # the model is saved: nothing left to resume
     tracking.log_metrics(
         {k: saved[k] for k in ("best_holdout_invariant_mse", "holdout_reconstruction_mse", "pca_reconstruction_mse")}
         | {"num_invariants": num_invariants}

@@ -229,3 +229,52 @@ def test_stage_writes_weights_and_config(tmp_path, monkeypatch):
 def test_stage_without_embeddings_names_the_stage_to_run(tmp_path):
     with pytest.raises(UserError, match="embeddings.npz"):
         train_cvpn(stage_params(tmp_path))
+
+
+def test_a_stopped_training_resumes_after_its_last_epoch_to_the_same_model(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(0)
+    embeddings, labels = rng.normal(size=(60, 6)).astype(np.float32), np.repeat(np.arange(10), 6)
+    runs = {name: stage_params(tmp_path / name, "cvpn.epochs=5", "cvpn.holdout_fraction=0.2") for name in ("straight", "stopped")}
+    for params in runs.values():
+        save_arrays(layout_for(params).embeddings, embeddings=embeddings, labels=labels)
+    train_cvpn(runs["straight"])
+
+    def stop_in_epoch_4(metrics, step=None):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cvpn_module.tracking, "log_metrics", stop_in_epoch_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_cvpn(runs["stopped"])
+    layout = layout_for(runs["stopped"])
+    assert not layout.cvpn.exists()
+    assert sorted(p.name for p in layout.cvpn_checkpoints.iterdir()) == ["epoch_0003", "work-key.txt"]
+
+    logged = []
+    monkeypatch.setattr(train_cvpn_module.tracking, "log_metrics", lambda metrics, step=None: logged.append(step))
+    config = train_cvpn(runs["stopped"])
+    assert "train-cvpn: resuming after epoch 3" in capsys.readouterr().out
+    assert logged[:2] == [4, 5]  # epochs 1-3 were not trained again
+    straight = layout_for(runs["straight"]).cvpn
+    assert json.loads((layout.cvpn / "config.json").read_text()) == json.loads((straight / "config.json").read_text()) == json.loads(json.dumps(config))
+    assert (layout.cvpn / "model.safetensors").read_bytes() == (straight / "model.safetensors").read_bytes()
+    assert not layout.cvpn_checkpoints.exists(), "the saved model leaves nothing to resume"
+
+
+def test_checkpoints_of_other_settings_are_not_resumed(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(0)
+    embeddings, labels = rng.normal(size=(60, 6)).astype(np.float32), np.repeat(np.arange(10), 6)
+
+    def stop_in_epoch_3(metrics, step=None):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cvpn_module.tracking, "log_metrics", stop_in_epoch_3)
+    params = stage_params(tmp_path, "cvpn.epochs=5")
+    save_arrays(layout_for(params).embeddings, embeddings=embeddings, labels=labels)
+    with pytest.raises(KeyboardInterrupt):
+        train_cvpn(params)
+    assert (layout_for(params).cvpn_checkpoints / "epoch_0002").is_dir()
+    monkeypatch.setattr(train_cvpn_module.tracking, "log_metrics", lambda metrics, step=None: None)
+    train_cvpn(stage_params(tmp_path, "cvpn.epochs=5", "cvpn.lr=0.01"))
+    assert "resuming" not in capsys.readouterr().out
