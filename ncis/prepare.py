@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from ncis import tracking
 from ncis.config import Params
@@ -24,8 +25,9 @@ def main(params: Params) -> None:
 
         images, labels = load_images(layout.id_train, channels=benchmark.channels)
         with atomic_path(layout.tiny_diffusion) as folder:
-            stats = train_tiny_model(params, images, labels, list(benchmark.class_names), folder)
+            stats = train_tiny_model(params, images, labels, list(benchmark.class_names), folder, layout.diffusion_checkpoints)
             (folder / "training.json").write_text(json.dumps(stats, indent=2) + "\n")
+        shutil.rmtree(layout.diffusion_checkpoints, ignore_errors=True)  # the model is saved: nothing left to resume
         tracking.log_metrics({"diffusion/final_loss": stats["final_loss"], "diffusion/parameters": stats["parameters"]})
         tracking.log_artifact(layout.tiny_diffusion, "diffusion")
         print(f"prepare: tiny diffusion model ({stats['parameters']:,} parameters) saved to {layout.tiny_diffusion}")

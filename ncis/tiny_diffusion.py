@@ -8,6 +8,7 @@ pipeline layout, so `ncis.diffusion.load_pipeline` loads it exactly like Stable 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -19,11 +20,13 @@ from diffusers import DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNe
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ncis import tracking
+from ncis import checkpoints, tracking
 from ncis.diffusion import substituted_tokens, tokenize_prompts
+from ncis.resume import claim, work_key
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_TOKENS = 16  # the longest digits prompt has 10 tokens with start/end
+CHECKPOINT_EVERY = 50  # steps: a stopped `prepare` loses a few seconds of training at most
 
 
 def prompt_words(templates: list[str], class_names: list[str]) -> list[str]:
@@ -113,8 +116,20 @@ def params_image_size(params) -> int:
     return get_benchmark(params.benchmark).image_size
 
 
-def train_tiny_model(params, images: np.ndarray, labels: np.ndarray, class_names: list[str], folder: Path) -> dict:
-    """Train the tiny model on uint8 images [N, H, W, 1] and save it to `folder`; returns stats."""
+def _work_key(params, images: np.ndarray, labels: np.ndarray, class_names: list[str], templates: list[str]) -> str:
+    # The data by content: `prepare` rewrites the same images (new file times) before training.
+    data = hashlib.sha256(np.ascontiguousarray(images).tobytes() + np.ascontiguousarray(labels).tobytes()).hexdigest()
+    settings = {"diffusion": params.diffusion.model_dump(), "seed": params.seed, "classes": class_names, "templates": templates}
+    return work_key(dict(settings, data=data))
+
+
+def train_tiny_model(
+    params, images: np.ndarray, labels: np.ndarray, class_names: list[str], folder: Path, checkpoint_folder: Path | None = None
+) -> dict:
+    """Train the tiny model on uint8 images [N, H, W, 1] and save it to `folder`; returns stats.
+
+    With `checkpoint_folder`, a checkpoint every CHECKPOINT_EVERY steps lets a stopped run of the
+    same work resume, to the same model."""
     settings = params.diffusion
     generator = torch.Generator().manual_seed(params.seed)
     torch.manual_seed(params.seed)
@@ -134,8 +149,17 @@ def train_tiny_model(params, images: np.ndarray, labels: np.ndarray, class_names
 
     optimizer = torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()), lr=settings.train_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.train_steps)
-    losses = []
-    progress = tqdm(range(settings.train_steps), desc="prepare: tiny diffusion model", unit="step")
+    losses, done = [], 0
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    if checkpoint_folder is not None:
+        key = _work_key(params, images, labels, class_names, templates)
+        found = checkpoints.saved(checkpoint_folder, "step") if claim(checkpoint_folder, key) else []
+        if found:
+            done, path = found[-1]
+            _, kept = checkpoints.load(path, modules=modules, optimizer=optimizer, scheduler=schedule, generators={"batches": generator})
+            losses = kept["losses"].tolist()
+            print(f"prepare: resuming the tiny diffusion model after step {done} from {path}")
+    progress = tqdm(range(done, settings.train_steps), desc="prepare: tiny diffusion model", unit="step", initial=done, total=settings.train_steps)
     for step in progress:
         index = torch.randint(len(pixels), (settings.train_batch_size,), generator=generator)
         x0, y = pixels[index], targets[index]
@@ -166,6 +190,18 @@ def train_tiny_model(params, images: np.ndarray, labels: np.ndarray, class_names
             recent = float(np.mean(losses[-50:]))
             progress.set_postfix(loss=f"{recent:.4f}")
             tracking.log_metrics({"diffusion/train_loss": recent}, step=step)
+        if checkpoint_folder is not None and (step + 1) % CHECKPOINT_EVERY == 0:
+            checkpoints.save(
+                checkpoint_folder,
+                "step",
+                step + 1,
+                modules=modules,
+                optimizer=optimizer,
+                scheduler=schedule,
+                generators={"batches": generator},
+                tensors={"losses": torch.tensor(losses, dtype=torch.float64)},
+                meta={"work_key": key},
+            )
     unet.eval()
     text_encoder.eval()
     pipe.save_pretrained(str(folder), safe_serialization=True)

@@ -22,6 +22,8 @@ from ncis.diffusion import (
 from ncis.errors import UserError
 from ncis.tiny_diffusion import build_tokenizer, prompt_words
 
+from conftest import TINY_MODEL
+
 CLASS_NAMES = list(get_benchmark("digits").class_names)
 
 
@@ -187,3 +189,33 @@ def test_digits_model_still_loads_without_a_vae(untrained_pipeline_dir):
 
     pipe = load_pipeline(untrained_pipeline_dir)
     assert pipe.vae is None and image_channels(pipe) == 1 and resolution(pipe) == pipe.unet.config.sample_size
+
+
+def test_a_stopped_tiny_model_training_resumes_from_its_last_checkpoint_to_the_same_model(tmp_path, monkeypatch, capsys):
+    from ncis import tiny_diffusion
+
+    params = load_params(overrides=["tracking.enabled=false", "diffusion.train_steps=60", "diffusion.train_batch_size=8", *TINY_MODEL])
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8), np.arange(40) % 10
+    train = lambda name: tiny_diffusion.train_tiny_model(params, images, labels, CLASS_NAMES, tmp_path / name, tmp_path / "checkpoints")  # noqa: E731
+    straight = tiny_diffusion.train_tiny_model(params, images, labels, CLASS_NAMES, tmp_path / "straight")
+
+    def stop_at_step_50(metrics, step=None):
+        if step == 50:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny_diffusion.tracking, "log_metrics", stop_at_step_50)
+    with pytest.raises(KeyboardInterrupt):
+        train("stopped")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0050", "work-key.txt"]  # the newest only
+
+    monkeypatch.undo()
+    assert train("resumed") == straight
+    assert "prepare: resuming the tiny diffusion model after step 50" in capsys.readouterr().out
+    for name in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+    # Checkpoints of other work (here: other training images) are not resumed.
+    images[0] = 255 - images[0]
+    train("other")
+    assert "resuming" not in capsys.readouterr().out
