@@ -275,6 +275,23 @@ def model_source(params) -> str:
     return default
 
 
+def model_work_key(params, dtype: str, settings: dict, inputs: dict[str, Path]) -> str:
+    """The work key (ncis/resume.py) of a stage's partial results made with the model: its
+    `settings`, the seed, the benchmark, the model (files included) and its precision, and the
+    signature of each `inputs` folder."""
+    from ncis.resume import work_key
+    from ncis.runtime import resolve_device
+
+    source = model_source(params)
+    model = {
+        "model": source,
+        "precision": str(resolve_dtype(dtype, resolve_device(params.device))),  # auto: per device
+        "seed": params.seed,
+        "benchmark": params.benchmark,
+    }
+    return work_key({**settings, **model}, {"model": Path(source), **inputs})
+
+
 def load_for_params(params, device: torch.device | str, dtype: str) -> StableDiffusionPipeline:
     """The pipeline `diffusion.*` describes, on `device`, in the precision `dtype` (a stage's `dtype` key).
 

@@ -28,9 +28,8 @@ from ncis.diffusion import (
     encode_images,
     image_channels,
     load_for_params,
-    model_source,
+    model_work_key,
     resolution,
-    resolve_dtype,
     substituted_tokens,
     token_embedding_table,
     tokenize_prompts,
@@ -38,7 +37,7 @@ from ncis.diffusion import (
 from ncis.errors import UserError
 from ncis.io import load_arrays, save_arrays, write_json
 from ncis.layout import layout_for
-from ncis.resume import claim, work_key
+from ncis.resume import claim
 from ncis.runtime import compiled, item_generator, resolve_device
 
 
@@ -115,17 +114,11 @@ def _scaled_backward(image_losses, vectors: torch.Tensor, scale: float) -> tuple
 def _work_key(params: Params, images: Path) -> str:
     """Chunks are reused only by the same work: settings, model files and training images alike
     (a hub model changes no local file, but a re-prepared dataset does)."""
-    benchmark = get_benchmark(params.benchmark)
-    source = model_source(params)
     settings = {
         "embed": params.embed.model_dump(exclude={"gradient_checkpointing"}),  # memory, not results
-        "model": source,
-        "precision": str(resolve_dtype(params.embed.dtype, resolve_device(params.device))),  # auto: per device
-        "seed": params.seed,
-        "benchmark": params.benchmark,
-        "token_names": benchmark.token_names,
+        "token_names": get_benchmark(params.benchmark).token_names,
     }
-    return work_key(settings, {"model": Path(source), "images": images})
+    return model_work_key(params, params.embed.dtype, settings, {"images": images})
 
 
 def main(params: Params) -> dict:
@@ -169,6 +162,9 @@ def main(params: Params) -> dict:
     distributed.barrier()
     starts = list(range(0, count, settings.chunk_size))
     mine = distributed.shard(starts)
+    resumed = sum((chunks / f"{start:08d}.npz").exists() for start in mine)
+    if resumed:
+        print(f"embed: resuming: {resumed} of {len(mine)} chunks are already in {chunks}")
     progress = tqdm(total=sum(min(start + settings.chunk_size, count) - start for start in mine), desc="embed: textual inversion", unit="img")
     for start in mine:
         path = chunks / f"{start:08d}.npz"

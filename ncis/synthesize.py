@@ -7,12 +7,16 @@ As in the paper, one outlier embedding renders `images_per_embedding` images (NC
 `--n_samples 8`), decoded at the model's resolution and resized to `save_size` (dream_ood.py:547).
 Every image has its own starting noise, keyed by its index, so no result depends on the batching.
 Under torchrun each rank renders every world_size-th batch and rank 0 gathers them in order
-and writes everything: the images are the single process's.
+and writes everything: the images are the single process's. Each batch is saved as it finishes
+(`synthesize_batches/`), so a stopped run resumes where it stopped.
 A control pool from the class's own inverted embeddings, with the same starting noise,
 shows how far the outliers actually moved (`diagnostics.json`).
 """
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,25 +27,45 @@ from tqdm.auto import tqdm
 from ncis import diagnostics, distributed, tracking
 from ncis.config import Params
 from ncis.datasets import get_benchmark, load_images, write_image_folder
-from ncis.diffusion import encode_text, generate, image_channels, initial_latents, load_for_params, tokenize_prompts
-from ncis.io import atomic_path, load_arrays, write_json
+from ncis.diffusion import (
+    encode_text,
+    generate,
+    image_channels,
+    initial_latents,
+    load_for_params,
+    model_work_key,
+    tokenize_prompts,
+)
+from ncis.io import atomic_path, load_arrays, save_arrays, write_json
 from ncis.layout import layout_for
+from ncis.resume import claim
 from ncis.runtime import compiled, item_generator, resolve_device
 
 DIAGNOSTIC_IMAGES = 5000  # ID images the diagnostic classifier is fitted on, at most
 
 
-def render(pipe, params: Params, benchmark, labels: np.ndarray, vectors: np.ndarray, noise_ids: np.ndarray, desc: str) -> np.ndarray:
+def render(
+    pipe, params: Params, benchmark, labels: np.ndarray, vectors: np.ndarray, noise_ids: np.ndarray, desc: str, saved: Path | None = None
+) -> np.ndarray:
     """Generate one image per (label, vector) row, its starting noise keyed by `noise_ids`; uint8 [N, S, S, C].
 
     The prompt names the class in the paper's words (`prompt_names`, e.g. "aquarium fish"); the
-    vector replaces the token `embed` inverted (first token of `token_names`, e.g. "fish")."""
+    vector replaces the token `embed` inverted (first token of `token_names`, e.g. "fish").
+    With `saved` (a file name prefix in a claimed folder), every batch is saved as it finishes
+    and batches already there are read instead of rendered."""
     settings = params.synthesize
     if len(labels) == 0:
         return np.zeros((0, settings.save_size, settings.save_size, image_channels(pipe)), np.uint8)
     out = []
     starts = distributed.shard(range(0, len(labels), settings.batch_size))
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not distributed.is_main()):
+    batch_files = [saved.with_name(f"{saved.name}-{start:08d}.npz") if saved else None for start in starts]
+    resumed = sum(bool(path and path.exists()) for path in batch_files)
+    if resumed:
+        print(f"{desc}: resuming: {resumed} of {len(starts)} batches are already in {saved.parent}")
+    for start, batch_file in zip(tqdm(starts, desc=desc, unit="batch", disable=not distributed.is_main()), batch_files):
+        if batch_file and batch_file.exists():
+            out.append(load_arrays(batch_file)["images"])
+            continue
         rows = slice(start, start + settings.batch_size)
         ids, positions = tokenize_prompts(
             pipe, settings.prompt, [benchmark.prompt_names[c] for c in labels[rows]], [benchmark.token_names[c] for c in labels[rows]]
@@ -51,6 +75,8 @@ def render(pipe, params: Params, benchmark, labels: np.ndarray, vectors: np.ndar
         generators = [item_generator(params.seed, int(n)) for n in noise_ids[rows]]
         images = generate(pipe, embeds, settings.steps, settings.guidance_scale, initial_latents(pipe, generators, settings.noise_scale), settings.scheduler)
         out.append(_to_uint8(images, settings.save_size))
+        if batch_file:
+            save_arrays(batch_file, images=out[-1])
     return _merged(out, starts, len(labels), settings.save_size, image_channels(pipe))
 
 
@@ -105,6 +131,17 @@ def preview_grid(real: list[np.ndarray], fake: list[np.ndarray], path, cell: int
     save_image(make_grid(tensor, nrow=len(real[0]) + len(fake[0]), padding=2, pad_value=0.5), path)
 
 
+def _work_key(params: Params, layout) -> str:
+    """Saved batches are reused only by the same work: settings, device, model, outlier pool and
+    the inverted embeddings (the control pool's)."""
+    settings = {
+        "synthesize": params.synthesize.model_dump(exclude={"preview_per_class"}),
+        "compile": params.compile,
+        "device": resolve_device(params.device).type,  # a GPU's images differ from the CPU's in the last bits
+    }
+    return model_work_key(params, params.synthesize.dtype, settings, {"outliers": layout.outliers.parent, "embeddings": layout.embed_dir})
+
+
 def main(params: Params) -> dict:
     settings = params.synthesize
     layout = layout_for(params)
@@ -118,7 +155,13 @@ def main(params: Params) -> dict:
 
     pipe = load_for_params(params, resolve_device(params.device), settings.dtype)
     pipe.unet = compiled(pipe.unet, params.compile)
-    images = render(pipe, params, benchmark, labels, vectors, np.arange(len(labels)), "synthesize: outliers")
+    # Rendered batches are kept until the images are written, and a stopped run of the same
+    # work resumes them (under torchrun rank 0 claims the folder before any rank reads it).
+    batches = layout.synthesize_batches
+    if distributed.is_main():
+        claim(batches, _work_key(params, layout))
+    distributed.barrier()
+    images = render(pipe, params, benchmark, labels, vectors, np.arange(len(labels)), "synthesize: outliers", batches / "outliers")
 
     # Control: the class's own inverted embeddings, each with the starting noise of one outlier
     # of its class, so the pair differs only by the embedding.
@@ -129,7 +172,7 @@ def main(params: Params) -> dict:
     control_labels = labels[paired]
     members = [np.flatnonzero(embedded["labels"] == c) for c in range(classes)]
     control_vectors = embedded["embeddings"][[rng.choice(members[c]) for c in control_labels]] if len(paired) else vectors[:0]
-    control = render(pipe, params, benchmark, control_labels, control_vectors, paired, "synthesize: control")
+    control = render(pipe, params, benchmark, control_labels, control_vectors, paired, "synthesize: control", batches / "control")
     if not distributed.is_main():
         return {}  # rank 0 has every image: it writes and logs
 
@@ -159,6 +202,7 @@ def main(params: Params) -> dict:
         fake = [small_images[labels == c][: settings.preview_per_class] for c in range(classes)]
         preview_grid(real, fake, folder / layout.preview.name)
         write_json(folder / "diagnostics.json", report)
+    shutil.rmtree(batches, ignore_errors=True)  # the images are written: nothing left to resume
     tracking.log_summary({f"synthesize/{k}": v for k, v in report.items()})  # also on the pipeline run
     tracking.log_artifact(layout.preview)
     tracking.log_artifact(layout.synth_dir / "diagnostics.json")

@@ -19,6 +19,8 @@ from ncis.errors import UserError
 from ncis.io import load_arrays, save_arrays
 from ncis.layout import layout_for
 
+from faults import digests
+
 
 def _fake_run(tmp_path, model_dir, outliers_per_class=3, *more):
     params = load_params(
@@ -89,6 +91,44 @@ def test_synthesize_is_seeded(tmp_path, untrained_pipeline_dir):
     again, _ = _fake_run(tmp_path / "b", untrained_pipeline_dir)
     synthesize.main(again)
     assert np.array_equal(load_images(layout.synthetic_images)[0], load_images(layout_for(again).synthetic_images)[0])
+
+
+def test_a_stopped_run_resumes_its_rendered_batches_to_the_same_images(tmp_path, untrained_pipeline_dir, monkeypatch, capsys):
+    params, layout = _fake_run(tmp_path / "straight", untrained_pipeline_dir)
+    synthesize.main(params)
+    stopped, stopped_layout = _fake_run(tmp_path / "stopped", untrained_pipeline_dir)
+    real_generate, calls = synthesize.generate, []
+
+    def stop_in_batch_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(synthesize, "generate", stop_in_batch_3)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize.main(stopped)
+    assert not stopped_layout.synth_dir.exists()
+    batches = stopped_layout.synthesize_batches
+    assert sorted(p.name for p in batches.iterdir()) == ["outliers-00000000.npz", "outliers-00000007.npz", "work-key.txt"]
+
+    monkeypatch.setattr(synthesize, "generate", lambda *args, **kwargs: calls.append(1) or real_generate(*args, **kwargs))
+    calls.clear()
+    synthesize.main(stopped)
+    assert "synthesize: outliers: resuming: 2 of 5 batches" in capsys.readouterr().out
+    assert len(calls) == 3 + 3  # the 3 outlier batches left and the 3 control batches
+    assert digests(stopped_layout.synth_dir) == digests(layout.synth_dir)
+    assert not batches.exists(), "the written images leave nothing to resume"
+
+    # Batches of other work (here: another seed) are never taken for this work's.
+    calls.clear()
+    monkeypatch.setattr(synthesize, "generate", stop_in_batch_3)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize.main(stopped)
+    monkeypatch.setattr(synthesize, "generate", real_generate)
+    capsys.readouterr()
+    synthesize.main(stopped.model_copy(update={"seed": 1}))
+    assert "resuming" not in capsys.readouterr().out
 
 
 def test_missing_outliers_say_which_stage_to_run(tmp_path, untrained_pipeline_dir):
@@ -176,8 +216,8 @@ def test_synthesize_renders_each_outlier_embedding_as_several_rgb_images(tmp_pat
     calls = []
     render = synthesize.render
 
-    def recording_render(pipe, params, benchmark, labels, vectors, noise_ids, desc):
-        images = render(pipe, params, benchmark, labels, vectors, noise_ids, desc)
+    def recording_render(pipe, params, benchmark, labels, vectors, noise_ids, desc, saved=None):
+        images = render(pipe, params, benchmark, labels, vectors, noise_ids, desc, saved)
         calls.append((labels, vectors, noise_ids, images))
         return images
 
