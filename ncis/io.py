@@ -186,10 +186,13 @@ def save_arrays(path: str | Path, **arrays: np.ndarray) -> None:
 _WRITERS = {
     "data": "prepare",
     "diffusion": "prepare",
+    "diffusion_checkpoints": "prepare",
     "embed": "embed",
     "cvpn": "train-cvpn",
+    "cvpn_checkpoints": "train-cvpn",
     "sample": "sample",
     "synthesize": "synthesize",
+    "synthesize_batches": "synthesize",
     "classifier": "train-classifier",
     "classifier_checkpoints": "train-classifier",
     "plots": "evaluate",
@@ -197,7 +200,7 @@ _WRITERS = {
 
 
 # Folders of resume state: a rerun reuses what is there, so a bad file must go first.
-_RESUME_STATE = {"chunks", "classifier_checkpoints"}
+_RESUME_STATE = {"chunks", "diffusion_checkpoints", "cvpn_checkpoints", "synthesize_batches", "classifier_checkpoints"}
 
 
 def rewrite_hint(path: str | Path) -> str:

@@ -39,6 +39,11 @@ class Layout:
     def tiny_diffusion(self) -> Path:
         return self.root / "diffusion"
 
+    @property
+    def diffusion_checkpoints(self) -> Path:
+        """Resume state of a stopped tiny-model training (removed once `diffusion` is written)."""
+        return self.root / "diffusion_checkpoints"
+
     # embed
     @property
     def embed_dir(self) -> Path:
@@ -52,6 +57,11 @@ class Layout:
     @property
     def cvpn(self) -> Path:
         return self.root / "cvpn"
+
+    @property
+    def cvpn_checkpoints(self) -> Path:
+        """Resume state of a stopped train-cvpn (removed once `cvpn` is written)."""
+        return self.root / "cvpn_checkpoints"
 
     # sample
     @property
@@ -70,6 +80,11 @@ class Layout:
     @property
     def preview(self) -> Path:
         return self.synth_dir / "preview.png"
+
+    @property
+    def synthesize_batches(self) -> Path:
+        """Rendered batches of a stopped synthesize, resumed by a rerun (removed once the images are written)."""
+        return self.root / "synthesize_batches"
 
     # train-classifier
     @property
