@@ -1,4 +1,4 @@
-"""The embeddings `embed` writes, read and checked once for every stage that uses them."""
+"""The embeddings `embed` and `sample` write, read and checked once for every stage that uses them."""
 
 from __future__ import annotations
 
@@ -30,3 +30,19 @@ def load_embeddings(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarra
             "embed more images (embed.image_limit=0 embeds all)"
         )
     return embeddings, labels
+
+
+def load_outliers(path: Path, num_classes: int) -> np.ndarray:
+    """`outliers` float32 [classes, pool, dim], checked against the benchmark's classes."""
+    arrays = load_arrays(path)
+    if "outliers" not in arrays:
+        raise UserError(f"{path} lacks 'outliers'; rerun `ncis sample`")
+    outliers = arrays["outliers"].astype(np.float32)
+    if outliers.ndim != 3 or outliers.shape[1] == 0:
+        raise UserError(f"{path}: expected outliers [classes, pool, dim], got {outliers.shape}; rerun `ncis sample`")
+    if outliers.shape[0] != num_classes:
+        raise UserError(
+            f"{path} holds outliers for {outliers.shape[0]} classes, the benchmark has {num_classes}; were they sampled for "
+            "another benchmark? rerun `ncis embed` and `ncis sample` for this one"
+        )
+    return outliers

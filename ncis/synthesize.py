@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 from ncis import diagnostics, distributed, tracking
 from ncis.config import Params
 from ncis.datasets import get_benchmark, load_images, write_image_folder
+from ncis.embeddings import load_outliers
+from ncis.errors import UserError
 from ncis.diffusion import (
     encode_text,
     generate,
@@ -34,6 +36,7 @@ from ncis.diffusion import (
     initial_latents,
     load_for_params,
     model_work_key,
+    token_embedding_table,
     tokenize_prompts,
 )
 from ncis.io import atomic_path, load_arrays, save_arrays, write_json
@@ -146,15 +149,20 @@ def main(params: Params) -> dict:
     settings = params.synthesize
     layout = layout_for(params)
     benchmark = get_benchmark(params.benchmark)
-    pool = load_arrays(layout.outliers)
-    outliers = pool["outliers"]  # [C, M, D]
+    outliers = load_outliers(layout.outliers, benchmark.num_classes)  # [C, M, D]
+    pipe = load_for_params(params, resolve_device(params.device), settings.dtype)
+    pipe.unet = compiled(pipe.unet, params.compile)
+    width = token_embedding_table(pipe).embedding_dim
+    if outliers.shape[2] != width:
+        raise UserError(
+            f"{layout.outliers} holds outliers of dimension {outliers.shape[2]}, the diffusion model's tokens have {width}; "
+            "were they sampled from another model's embeddings? rerun `ncis embed` and `ncis sample` with this diffusion.model"
+        )
     classes, per_pool = outliers.shape[:2]
     labels, picks = outlier_rows(per_pool, classes, settings.images_per_class, settings.images_per_embedding, params.seed)
     per_class = len(labels) // classes
     vectors = outliers[labels, picks]
 
-    pipe = load_for_params(params, resolve_device(params.device), settings.dtype)
-    pipe.unet = compiled(pipe.unet, params.compile)
     # Rendered batches are kept until the images are written, and a stopped run of the same
     # work resumes them (under torchrun rank 0 claims the folder before any rank reads it).
     batches = layout.synthesize_batches

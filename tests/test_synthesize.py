@@ -253,3 +253,16 @@ def test_an_images_pixels_do_not_depend_on_the_batch_size(tiny_sd_dir):
     assert rendered[0].shape == (5, 64, 64, 3)
     for other in rendered[1:]:
         assert np.abs(other.astype(int) - rendered[0]).max() <= 1  # float rounding in a batched UNet at most
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [((9, 3, 16), "outliers for 9 classes, the benchmark has 10"), ((10, 3, 12), "dimension 12, the diffusion model's tokens have 16")],
+)
+def test_outliers_for_another_benchmark_or_model_are_refused_naming_the_fix(tmp_path, untrained_pipeline_dir, shape, message):
+    params, layout = _fake_run(tmp_path, untrained_pipeline_dir)
+    save_arrays(layout.outliers, outliers=np.zeros(shape, np.float32), labels=np.arange(shape[0]))
+    with pytest.raises(UserError, match=message) as refused:
+        synthesize.main(params)
+    assert "rerun `ncis embed` and `ncis sample`" in str(refused.value)
+    assert not layout.synth_dir.exists() and not layout.synthesize_batches.exists()
