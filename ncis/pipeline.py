@@ -47,9 +47,11 @@ SHARDED_STAGES = ("embed", "synthesize", "train-classifier")
 def on_ranks(name: str, function, params: Params):
     from ncis import distributed
 
-    if name in SHARDED_STAGES or not distributed.active():
+    if not distributed.active():
         return function(params)
-    result = function(params) if distributed.is_main() else None
+    result = function(params) if name in SHARDED_STAGES or distributed.is_main() else None
+    # Every rank waits for rank 0's writes: the next stage reads them (a sharded stage's other
+    # ranks return while rank 0 still merges and writes).
     distributed.barrier()
     return result
 

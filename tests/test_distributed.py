@@ -29,11 +29,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
                f"--master_port={_free_port()}", "-m", "ncis.cli", *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def _settings(outputs: Path, model: Path, *more: str) -> list[str]:
@@ -158,3 +158,26 @@ def test_ddp_training_shares_the_data_and_writes_one_classifier(tmp_path):
     assert json.loads((layout.classifier_checkpoints / "epoch_0002" / "state.json").read_text())["steps_per_epoch"] == 2
     model, config = load_classifier(layout.classifier)
     assert config["epochs"] == 2 and model(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+
+
+@pytest.mark.slow  # a whole tiny pipeline on two torchrun processes: ~1-2 min
+def test_a_whole_ncis_run_under_torchrun_writes_every_output_once(tmp_path):
+    import json
+
+    from conftest import TINY_PIPELINE
+
+    settings = [f"outputs={tmp_path}", "device=cpu", *TINY_PIPELINE, "cvpn.hidden=16", "classifier.max_outliers=100"]
+    done = torchrun(_cli_args("run", settings), timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    layout = layout_for(load_params(overrides=settings))
+    metrics = json.loads(layout.metrics.read_text())
+    assert list(metrics["ood"]) == ["letters", "rotated", "flipped", "overlaid", "photos", "textures", "noise"]
+    assert 0 <= metrics["id_accuracy"] <= 1 and 0 <= metrics["average"]["auroc"] <= 1
+    for output in (layout.tiny_diffusion, layout.embeddings, layout.cvpn, layout.outliers, layout.synthetic_images, layout.classifier):
+        assert output.exists(), output
+    # Resume state that a finished stage deletes is gone; no rank left a temporary or the lock.
+    for state in (layout.diffusion_checkpoints, layout.cvpn_checkpoints, layout.synthesize_batches):
+        assert not state.exists(), state
+    assert not [p for p in tmp_path.rglob("*") if ".ncis-tmp-" in p.name or p.name == ".ncis.lock"]
+    # Every stage ran once: rank 0 alone prints a stage's closing line.
+    assert done.stdout.count("synthesize: ") >= 1 and done.stdout.count("embeddings of dimension") == 1, done.stdout[-2000:]
