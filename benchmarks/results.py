@@ -146,32 +146,37 @@ def validation_mean_std(runs: list[dict], metric: str) -> str:
     return mean_std([r["validation"]["average"][metric] for r in runs])
 
 
-def table(reports: dict[tuple[str, str], list[dict]]) -> str:
-    """Validation columns (to choose on), then test columns (to report), then diagnostics."""
-    first = next(iter(reports.values()))[0]
+def metric_table(labels: list[str], rows: dict[tuple, list[dict]], extra: dict[str, object] | None = None) -> str:
+    """Markdown: per row its `labels` cells, the validation columns (to choose on), the test columns
+    (to report: average, per group, per set), then each `extra` column (name -> cell of the runs)."""
+    first = next(iter(rows.values()))[0]
     sets, groups = list(first["ood"]), list(first["groups"])
-    header = (
-        "| outliers | head | val FPR95 ↓ | val AUROC ↑ | FPR95 ↓ | AUROC ↑ | "
-        + " | ".join([*(f"AUROC {g}" for g in groups), *(f"AUROC {s}" for s in sets)])
-        + " | ID acc. | in-class ↓ |"
-    )
-    lines = [header, "|" + " --- |" * (header.count("|") - 1)]
-    for (variant, head), runs in reports.items():
-        in_class = [r["diagnostics"]["outlier_in_class_fraction"] for r in runs if "diagnostics" in r]
+    extra = extra or {}
+    names = [*labels, "val FPR95 ↓", "val AUROC ↑", "FPR95 ↓", "AUROC ↑", *(f"AUROC {g}" for g in groups), *(f"AUROC {s}" for s in sets), *extra]
+    lines = ["| " + " | ".join(names) + " |", "|" + " --- |" * len(names)]
+    for key, runs in rows.items():
         cells = [
-            variant,
-            head,
+            *key,
             validation_mean_std(runs, "fpr95"),
             validation_mean_std(runs, "auroc"),
             mean_std([r["average"]["fpr95"] for r in runs]),
             mean_std([r["average"]["auroc"] for r in runs]),
             *[mean_std([r["groups"][g]["auroc"] for r in runs]) for g in groups],
             *[mean_std([r["ood"][s]["auroc"] for r in runs]) for s in sets],
-            mean_std([r["id_accuracy"] for r in runs]),
-            mean_std(in_class) if in_class else "–",
+            *[cell(runs) for cell in extra.values()],
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _in_class(runs: list[dict]) -> str:
+    fractions = [r["diagnostics"]["outlier_in_class_fraction"] for r in runs if "diagnostics" in r]
+    return mean_std(fractions) if fractions else "–"
+
+
+def table(reports: dict[tuple[str, str], list[dict]]) -> str:
+    """One row per (outliers, head), with ID accuracy and the outliers' in-class fraction."""
+    return metric_table(["outliers", "head"], reports, {"ID acc.": lambda runs: mean_std([r["id_accuracy"] for r in runs]), "in-class ↓": _in_class})
 
 
 def best_on_validation(rows: dict, label) -> str:

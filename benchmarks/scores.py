@@ -16,7 +16,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from results import mean_std, validation_mean_std
+from results import metric_table
 
 from ncis.config import load_params
 from ncis.pipeline import stage_function
@@ -48,28 +48,7 @@ def main() -> None:
 
 
 def score_table(table: dict[tuple[str, str, str], list[dict]]) -> str:
-    first = next(iter(table.values()))[0]
-    sets, groups = list(first["ood"]), list(first["groups"])
-    header = (
-        "| outliers | head | score | val FPR95 ↓ | val AUROC ↑ | FPR95 ↓ | AUROC ↑ | "
-        + " | ".join([*(f"AUROC {g}" for g in groups), *(f"AUROC {s}" for s in sets)])
-        + " |"
-    )
-    lines = [header, "|" + " --- |" * (header.count("|") - 1)]
-    for (variant, head, score), reports in table.items():
-        cells = [
-            variant,
-            head,
-            score,
-            validation_mean_std(reports, "fpr95"),
-            validation_mean_std(reports, "auroc"),
-            mean_std([r["average"]["fpr95"] for r in reports]),
-            mean_std([r["average"]["auroc"] for r in reports]),
-            *[mean_std([r["groups"][g]["auroc"] for r in reports]) for g in groups],
-            *[mean_std([r["ood"][s]["auroc"] for r in reports]) for s in sets],
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return metric_table(["outliers", "head", "score"], table)
 
 
 if __name__ == "__main__":
