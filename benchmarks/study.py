@@ -10,7 +10,7 @@ retrains the model (one model per setting, shared by its seeds).
 Each sweep's table (mean ± std over seeds) shows the validation OOD sets' average AUROC first
 (`Benchmark.validation_ood_sets`: the columns a default is chosen on; the setting with the
 highest is named below the table), then the test sets' (reported, never chosen on). A setting
-equal to the reference (e.g. guidance 1 when params.yaml says 1) is the reference row. The table
+equal to the reference (e.g. guidance 7.5 when params.yaml says 7.5) is the reference row. The table
 goes to <outputs>/<sweep>.md and, with --publish, between the `<!-- study:<sweep>:start/end -->`
 markers of docs/digits-study.md.
 
