@@ -232,6 +232,7 @@ def test_stage_without_embeddings_names_the_stage_to_run(tmp_path):
 
 
 def test_a_stopped_training_resumes_after_its_last_epoch_to_the_same_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_cvpn_module, "CHECKPOINT_SECONDS", 0.0)  # a checkpoint every epoch
     rng = np.random.default_rng(0)
     embeddings, labels = rng.normal(size=(60, 6)).astype(np.float32), np.repeat(np.arange(10), 6)
     runs = {name: stage_params(tmp_path / name, "cvpn.epochs=5", "cvpn.holdout_fraction=0.2") for name in ("straight", "stopped")}
@@ -262,6 +263,7 @@ def test_a_stopped_training_resumes_after_its_last_epoch_to_the_same_model(tmp_p
 
 
 def test_checkpoints_of_other_settings_are_not_resumed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_cvpn_module, "CHECKPOINT_SECONDS", 0.0)
     rng = np.random.default_rng(0)
     embeddings, labels = rng.normal(size=(60, 6)).astype(np.float32), np.repeat(np.arange(10), 6)
 
