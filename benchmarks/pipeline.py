@@ -1,7 +1,7 @@
 """Time every stage of `ncis run` on digits and check the tiny model's quality bar.
 
 Budgets (issues): prepare < 240 s, embed / train-cvpn / sample < 120 s each, the whole
-pipeline < 600 s, all on 2 CPU cores; generated digits classified as the prompted class
+pipeline < 600 s and < 4 GiB peak memory, all on 2 CPU cores; generated digits classified as the prompted class
 >= 90% of the time (sampled at guidance 3). Prints a Markdown table of seconds and budget ratios (ratio < 1 = within
 budget) measured in this one run; paste it into BENCHMARKS.md.
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import time
 
 import numpy as np
@@ -27,6 +28,7 @@ from ncis.layout import layout_for
 
 BUDGET_S = {"prepare": 240, "embed": 120, "train-cvpn": 120, "sample": 120}
 PIPELINE_BUDGET_S = 600
+MEMORY_BUDGET_GIB = 4.0
 QUALITY_BAR = 0.90
 # The bar measures the model, so it samples with guidance 3, where the model follows its prompt;
 # synthesize's digits default (1) draws less typical digits on purpose (docs/digits-study.md).
@@ -59,6 +61,7 @@ def main() -> None:
         total += seconds
         budget = BUDGET_S.get(name)
         rows.append((name, seconds, f"{seconds / budget:.2f}" if budget else ""))
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux; every stage ran in this process
     quality = tiny_model_quality(params)
 
     print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
@@ -66,6 +69,8 @@ def main() -> None:
     for name, seconds, ratio in rows:
         print(f"| {name} | {seconds:.1f} | {ratio} |")
     print(f"| **pipeline** | **{total:.1f}** | **{total / PIPELINE_BUDGET_S:.2f}** |")
+    print(f"\nPeak memory (max RSS of the process that ran every stage): {peak_gib:.2f} GiB (budget {MEMORY_BUDGET_GIB:g} GiB: "
+          f"ratio {peak_gib / MEMORY_BUDGET_GIB:.2f})")
     print(f"\nTiny model: generated digits (guidance {QUALITY_GUIDANCE:g}) classified as the prompted class {quality:.1%} (bar {QUALITY_BAR:.0%}: "
           f"ratio {quality / QUALITY_BAR:.2f})")
 
