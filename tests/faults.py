@@ -34,6 +34,10 @@ TINY = [
 ]
 
 
+# Resume state a stopped or failed stage keeps on purpose (ncis/resume.py): a rerun reuses it or drops it.
+RESUME_STATE = ("diffusion_checkpoints", "embed/chunks", "cvpn_checkpoints", "synthesize_batches", "classifier_checkpoints")
+
+
 def sets(overrides: list[str]) -> list[str]:
     return [arg for override in overrides for arg in ("--set", override)]
 
