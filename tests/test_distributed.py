@@ -66,16 +66,20 @@ def _embed_inputs(outputs: Path, model: Path) -> list[str]:
     return settings
 
 
+def _single_and_sharded(stage: str, make_inputs, tmp_path: Path, model: Path):
+    """`stage` on the same inputs in one process and on 2 torchrun ranks; (single, sharded) layouts."""
+    single = make_inputs(tmp_path / "single", model)
+    sharded = make_inputs(tmp_path / "sharded", model)
+    assert _one_process(_cli_args(stage, single)) == 0
+    done = torchrun(_cli_args(stage, sharded))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tuple(layout_for(load_params(overrides=s)) for s in (single, sharded))
+
+
 @pytest.mark.slow  # two torchrun processes: ~20 s
 def test_sharded_embed_writes_the_single_process_embeddings(tmp_path, untrained_pipeline_dir, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    single = _embed_inputs(tmp_path / "single", untrained_pipeline_dir)
-    sharded = _embed_inputs(tmp_path / "sharded", untrained_pipeline_dir)
-    assert _one_process(_cli_args("embed", single)) == 0
-    done = torchrun(_cli_args("embed", sharded))
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    single_layout, sharded_layout = (layout_for(load_params(overrides=s)) for s in (single, sharded))
+    single_layout, sharded_layout = _single_and_sharded("embed", _embed_inputs, tmp_path, untrained_pipeline_dir)
     assert sharded_layout.embeddings.read_bytes() == single_layout.embeddings.read_bytes()
     # Chunks and summary too; the work key names each run's own image folder.
     single_files, sharded_files = _files(single_layout.embed_dir), _files(sharded_layout.embed_dir)
@@ -97,13 +101,7 @@ def _synthesize_inputs(outputs: Path, model: Path) -> list[str]:
 @pytest.mark.slow  # two torchrun processes: ~20 s
 def test_sharded_synthesize_writes_the_single_process_images(tmp_path, untrained_pipeline_dir, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    single = _synthesize_inputs(tmp_path / "single", untrained_pipeline_dir)
-    sharded = _synthesize_inputs(tmp_path / "sharded", untrained_pipeline_dir)
-    assert _one_process(_cli_args("synthesize", single)) == 0
-    done = torchrun(_cli_args("synthesize", sharded))
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    single_layout, sharded_layout = (layout_for(load_params(overrides=s)) for s in (single, sharded))
+    single_layout, sharded_layout = _single_and_sharded("synthesize", _synthesize_inputs, tmp_path, untrained_pipeline_dir)
     images = _files(single_layout.synthetic_images)
     assert len(images) == 30
     assert _files(sharded_layout.synthetic_images) == images
