@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         command = "ncis " + " ".join(sys.argv[1:] if argv is None else argv)
         # One job per outputs folder (under torchrun: rank 0 holds the lock for all its ranks);
         # what a killed one left half-written is swept first.
-        with distributed.session(params.device), distributed.held_by_main(lambda: exclusive_outputs(params.outputs, command=command)):
+        with distributed.session(params.device, params.process_group_timeout_minutes), distributed.held_by_main(lambda: exclusive_outputs(params.outputs, command=command)):
             if args.command == "run":
                 run_pipeline(params, run_name)
             else:

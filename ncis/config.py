@@ -20,7 +20,7 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 # Keys that say where or how a run happens, never what it computes: DVC does not rerun a stage for
 # them, and run names and `ncis compare` leave them out.
-PLACEMENT_KEYS = frozenset({"outputs", "device", "tracking.enabled", "diffusion.allow_pickle", "embed.gradient_checkpointing"})
+PLACEMENT_KEYS = frozenset({"outputs", "device", "process_group_timeout_minutes", "tracking.enabled", "diffusion.allow_pickle", "embed.gradient_checkpointing"})
 
 
 class Section(BaseModel):
@@ -216,6 +216,11 @@ class Params(Section):
     seed: int = Field(ge=0, description="seeds every stage")
     outputs: str = Field(description="folder of every stage's outputs")
     device: Literal["auto", "cpu", "cuda"] = Field(description="auto = cuda when a GPU is visible")
+    process_group_timeout_minutes: float = Field(
+        gt=0,
+        description="under torchrun, how long a rank waits for the others (e.g. for rank 0 through a stage it runs "
+        "alone) before giving up; raise it for stages longer than this on rank 0",
+    )
     compile: bool = Field(
         description="torch.compile the diffusion UNet (embed, synthesize) and the classifier (train-classifier): faster "
         "on a GPU after a warm-up, slower on a small CPU job; fused kernels round differently, so it changes results slightly"

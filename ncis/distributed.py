@@ -52,7 +52,7 @@ def barrier() -> None:
 
 
 @contextlib.contextmanager
-def session(device_name: str = "auto", timeout_minutes: float = 60.0) -> Iterator[None]:
+def session(device_name: str, timeout_minutes: float) -> Iterator[None]:
     """Join the process group for the block when launched by torchrun; nothing otherwise."""
     if not launched() or active():
         yield
@@ -64,6 +64,13 @@ def session(device_name: str = "auto", timeout_minutes: float = 60.0) -> Iterato
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     try:
         yield
+    except RuntimeError as err:  # gloo and nccl report a wait past the timeout as a bare RuntimeError
+        if "timed out" not in str(err).lower():
+            raise
+        raise UserError(
+            f"rank {rank()} waited more than {timeout_minutes:g} min for the other ranks (process_group_timeout_minutes), "
+            f"e.g. for rank 0 through a stage it runs alone; raise it: --set process_group_timeout_minutes={4 * timeout_minutes:g}"
+        ) from None
     finally:
         dist.destroy_process_group()
 

@@ -8,7 +8,6 @@ pipeline layout, so `ncis.diffusion.load_pipeline` loads it exactly like Stable 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -22,7 +21,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ncis import checkpoints, tracking
 from ncis.diffusion import substituted_tokens, tokenize_prompts
-from ncis.resume import claim, work_key
+from ncis.resume import claim, content_digest, work_key
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_TOKENS = 16  # the longest digits prompt has 10 tokens with start/end
@@ -118,7 +117,7 @@ def params_image_size(params) -> int:
 
 def _work_key(params, images: np.ndarray, labels: np.ndarray, class_names: list[str], templates: list[str]) -> str:
     # The data by content: `prepare` rewrites the same images (new file times) before training.
-    data = hashlib.sha256(np.ascontiguousarray(images).tobytes() + np.ascontiguousarray(labels).tobytes()).hexdigest()
+    data = content_digest(images, labels)
     settings = {"diffusion": params.diffusion.model_dump(), "seed": params.seed, "classes": class_names, "templates": templates}
     return work_key(dict(settings, data=data))
 

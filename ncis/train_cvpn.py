@@ -11,7 +11,6 @@ The checkpoint with the best held-out invariant MSE is kept (the training set's 
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from ncis.embeddings import load_embeddings
 from ncis.errors import UserError
 from ncis.io import save_weights
 from ncis.layout import layout_for
-from ncis.resume import claim, work_key
+from ncis.resume import claim, content_digest, work_key
 from ncis.runtime import resolve_device, seed_everything, single_cpu_thread
 
 EVAL_CHUNK = 8192  # rows per forward pass when evaluating, to bound memory on large embedding sets
@@ -107,7 +106,7 @@ def fit_cvpn(
 
 
 def _work_key(embeddings, labels, settings, num_invariants, seed, device) -> str:
-    data = hashlib.sha256(np.ascontiguousarray(embeddings).tobytes() + np.ascontiguousarray(labels).tobytes()).hexdigest()
+    data = content_digest(embeddings, labels)
     return work_key(
         {"cvpn": settings.model_dump(), "num_invariants": num_invariants, "seed": seed, "device": device.type, "data": data}
     )

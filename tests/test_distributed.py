@@ -121,6 +121,17 @@ def test_a_job_whose_outputs_are_locked_fails_on_every_rank_with_one_line(tmp_pa
     assert 'ncis/cli.py", line' not in done.stderr
 
 
+@pytest.mark.slow  # two torchrun processes: ~10 s
+def test_a_rank_that_waits_past_the_timeout_says_which_parameter_to_raise(tmp_path):
+    # prepare runs on rank 0 alone, far longer than 1.2 s, while rank 1 waits at the stage's end.
+    settings = [f"outputs={tmp_path}", "device=cpu", "process_group_timeout_minutes=0.02", "diffusion.train_steps=30"]
+    done = torchrun(_cli_args("prepare", settings))
+    assert done.returncode != 0
+    assert "ncis: error: rank 1 waited more than 0.02 min for the other ranks" in done.stderr
+    assert "--set process_group_timeout_minutes=0.08" in done.stderr
+    assert 'ncis/cli.py", line' not in done.stderr
+
+
 def test_one_process_helpers_are_no_ops():
     assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
     assert distributed.shard([3, 4, 5]) == [3, 4, 5]

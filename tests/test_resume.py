@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
+import numpy as np
 import pytest
 import torch
 
 from ncis.errors import UserError
-from ncis.resume import claim, work_key
+from ncis.resume import claim, content_digest, work_key
 from ncis.runtime import item_generator
 
 
@@ -49,6 +51,36 @@ def test_a_folder_without_a_stamp_is_never_taken_for_this_work(tmp_path):
     with pytest.raises(UserError):
         claim(folder, "a", discard_other=False)
     assert claim(folder, "a") is False and not (folder / "metrics.json").exists()
+
+
+def test_the_content_digest_follows_every_array_but_not_file_times():
+    images, labels = np.arange(12, dtype=np.uint8).reshape(3, 4), np.array([0, 1, 1])
+    digest = content_digest(images, labels)
+    assert content_digest(images.copy(), labels.copy()) == digest  # the same data, written again
+    assert content_digest(np.asfortranarray(images), labels) == digest  # memory order is not content
+    changed = images.copy()
+    changed[2, 3] += 1
+    assert content_digest(changed, labels) != digest
+    assert content_digest(images, np.array([0, 1, 2])) != digest
+    assert content_digest(labels, images) != digest
+
+
+def test_a_stamp_that_cannot_be_written_is_one_line_naming_it(tmp_path):
+    """A real ENOSPC on a full tmpfs (needs mount rights): the write error, not an unexpected one."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (disk / "work").mkdir()
+        with open(disk / "filler", "wb", buffering=0) as handle:  # unbuffered: the failing write is the last
+            with pytest.raises(OSError):
+                while True:
+                    handle.write(b"\0" * 4096)
+        with pytest.raises(UserError, match=r"^cannot write .*work-key\.txt: No space left on device; free disk space"):
+            claim(disk / "work", "a")
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_an_items_random_stream_depends_on_seed_and_index_only():
