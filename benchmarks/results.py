@@ -15,7 +15,8 @@ images (`none`, `noise`), the shared base holds only the data: no tiny model, no
     python benchmarks/results.py --set classifier.epochs=10   # any params.yaml override for all runs
 
 A run folder that already holds a metrics.json is reused when its params.json matches the run's
-settings, so an interrupted sweep resumes; one that ran with other settings stops the script.
+settings (every key but the placement ones, `config.PLACEMENT_KEYS`: where a run happens does
+not change it), so an interrupted sweep resumes; one that ran with other settings stops the script.
 After changing code, delete the folder or pick another --outputs.
 """
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ncis.config import load_params
+from ncis.config import is_placement, load_params
 from ncis.datasets import get_benchmark
 from ncis.errors import UserError
 from ncis.layout import layout_for
@@ -66,7 +67,7 @@ def variant_run(base: Path, out: Path, overrides: list[str], variant: str, outli
     """Run one variant; `outliers_from` is a finished run of the same variant and seed whose
     outliers (cVPN, samples, images) are reused, e.g. when only the energy head differs."""
     params = load_params(overrides=[*overrides, f"outputs={out}"])
-    settings = params.model_dump(exclude={"outputs"})
+    settings = run_settings(params)
     if own_folder(out, settings) and (out / "metrics.json").exists():
         print(f"[results] {out} already done with these settings; reusing it", flush=True)
         return read_report(out)
@@ -79,6 +80,11 @@ def variant_run(base: Path, out: Path, overrides: list[str], variant: str, outli
             stages = (["train-cvpn"] if variant == "cvpn" else []) + ["sample", "synthesize", *stages]
     run(stages, params)
     return read_report(out)
+
+
+def run_settings(params) -> dict:
+    """What a finished run is reused by: every setting but where and how it ran (`is_placement`)."""
+    return {key: value for key, value in params.flat().items() if not is_placement(key)}
 
 
 def own_folder(out: Path, settings: dict) -> bool:

@@ -18,8 +18,7 @@ from ncis.config import load_params  # noqa: E402
 
 def finished_run(out: Path, overrides: list[str]) -> None:
     """A run folder as results.variant_run leaves it, without running any stage."""
-    settings = load_params(overrides=[*overrides, f"outputs={out}"]).model_dump(exclude={"outputs"})
-    assert not results.own_folder(out, settings)
+    assert not results.own_folder(out, results.run_settings(load_params(overrides=[*overrides, f"outputs={out}"])))
     (out / "metrics.json").write_text(json.dumps({"average": {"auroc": 0.6}}))
 
 
@@ -29,6 +28,9 @@ def test_a_finished_run_is_reused_with_its_settings_and_refused_with_others(tmp_
     finished_run(out, overrides)
     report = results.variant_run(tmp_path / "base", out, overrides, "none", None)
     assert report["average"]["auroc"] == 0.6
+    # Where and how it ran is no setting of the run: another device or timeout reuses it too.
+    moved = [*overrides, "device=cpu", "process_group_timeout_minutes=5", "tracking.enabled=true"]
+    assert results.variant_run(tmp_path / "base", out, moved, "none", None)["average"]["auroc"] == 0.6
     with pytest.raises(SystemExit, match="holds work made with other settings"):
         results.variant_run(tmp_path / "base", out, [*overrides, "classifier.epochs=3"], "none", None)
 
