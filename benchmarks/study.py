@@ -75,6 +75,12 @@ SWEEPS = {sweep.name: sweep for sweep in (
         ((), ("classifier.energy_head=free",), ("classifier.energy_head=monotone",)),
     ),
     Sweep(
+        "energy_weight",
+        "How much weight should the energy regulariser get against cross-entropy?",
+        SHARED,
+        ((), ("classifier.energy_weight=0.03",), ("classifier.energy_weight=0.3",), ("classifier.energy_weight=1.0",)),
+    ),
+    Sweep(
         "starting_noise",
         "The starting noise decides much of the image: does starting from the prior's tails help?",
         SHARED,
