@@ -41,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<stage>", required=True)
     for name, (_, help_text) in STAGES.items():
         _add_common(sub.add_parser(name, help=help_text, description=help_text))
-    _add_common(sub.add_parser("run", help="run every stage in order", description="run every stage in order"))
+    run = sub.add_parser("run", help="run every stage in order", description="run every stage in order")
+    _add_common(run)
+    run.add_argument(
+        "--from", dest="first_stage", default="prepare", choices=list(STAGES), metavar="STAGE",
+        help="start at STAGE, on what the earlier stages left (go on after a stopped run: its stage resumes)",
+    )
     compare = sub.add_parser("compare", help="table of tracked pipeline runs: names, differing params, metrics")
     compare.add_argument("--experiment", default=None, help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else digits)")
     compare.add_argument("--runs", nargs="*", default=None, metavar="RUN_ID", help="run ids (default: latest per parameter set)")
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         # what a killed one left half-written is swept first.
         with distributed.session(params.device, params.process_group_timeout_minutes), distributed.held_by_main(lambda: exclusive_outputs(params.outputs, command=command)):
             if args.command == "run":
-                run_pipeline(params, run_name)
+                run_pipeline(params, run_name, args.first_stage)
             else:
                 run_stage(args.command, params, run_name)
         return 0
@@ -123,11 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ncis: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        print(interrupted_message(err), file=sys.stderr)
+        print(interrupted_message(err, pipeline=args.command == "run"), file=sys.stderr)
         return exit_code(err)
     except Exception as err:
         if stop_signal(err):  # e.g. a DataLoader worker killed by the same SIGTERM failed first
-            print(interrupted_message(err), file=sys.stderr)
+            print(interrupted_message(err, pipeline=args.command == "run"), file=sys.stderr)
             return exit_code(err)
         if args.debug:
             raise

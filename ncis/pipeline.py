@@ -64,10 +64,14 @@ def run_stage(name: str, params: Params, run_name: str | None = None):
         return on_ranks(name, function, params)
 
 
-def run_pipeline(params: Params, run_name: str | None = None) -> None:
+def run_pipeline(params: Params, run_name: str | None = None, first_stage: str = "prepare") -> None:
+    """Every stage in order, or from `first_stage` on (its inputs being those earlier stages wrote)."""
     from ncis import tracking
 
-    functions = [(name, stage_function(name)) for name in STAGES]  # fail before any work if one is missing
+    names = list(STAGES)
+    if first_stage not in STAGES:
+        raise UserError(f"unknown stage {first_stage!r}; choose one of {', '.join(STAGES)}")
+    functions = [(name, stage_function(name)) for name in names[names.index(first_stage) :]]  # fail before any work if one is missing
     with tracking.pipeline_run(params, run_name):
         for name, function in functions:
             with tracking.stage_run(params, name), in_stage(name):

@@ -78,11 +78,14 @@ def exit_code(err: BaseException) -> int:
     return 128 + (stop_signal(err) or signal.SIGINT)
 
 
-def interrupted_message(err: BaseException) -> str:
+def interrupted_message(err: BaseException, pipeline: bool = False) -> str:
+    """One line for a stopped run. For `ncis run` stopped in a later stage, the rerun that resumes
+    it starts there: a plain rerun would run `prepare` again, whose rewritten inputs (new file
+    times) void the stopped stage's saved work."""
     name = signal.Signals(stop_signal(err) or signal.SIGINT).name
     stage = getattr(err, "ncis_stage", None)
     where = f" during stage {stage}" if stage else ""
-    return (
-        f"ncis: stopped by {name}{where}; finished outputs are kept and nothing half-written is left: "
-        "rerun the same command to resume"
-    )
+    rerun = "rerun the same command to resume"
+    if pipeline and stage and stage != "prepare":
+        rerun = f"rerun it with --from {stage} to resume that stage and go on (the same command alone starts again at prepare)"
+    return f"ncis: stopped by {name}{where}; finished outputs are kept and nothing half-written is left: {rerun}"

@@ -137,6 +137,15 @@ def test_ncis_run_goes_from_nothing_to_metrics_and_tracks_every_stage(tmp_path, 
     assert "preview.png" in artifacts
     assert {a.path for a in client.list_artifacts(children["evaluate"].info.run_id)} >= {"metrics.json", "plots"}
 
+    # `--from`: only that stage and the later ones run, on what the earlier ones left, to the same result.
+    data_written = (outputs / "data").stat().st_mtime_ns
+    assert main([*_cli_args(tmp_path), "--from", "train-classifier"]) == 0
+    assert (outputs / "data").stat().st_mtime_ns == data_written
+    assert json.loads((outputs / "metrics.json").read_text()) == report
+    runs = client.search_runs([experiment.experiment_id])
+    later = [r for r in runs if r.data.tags.get("mlflow.parentRunId") not in (None, parents[0].info.run_id)]
+    assert sorted(r.info.run_name for r in later) == ["evaluate", "train-classifier"]
+
 
 def test_bad_parameters_are_refused_before_any_work(tmp_path, capsys):
     code = main(["run", "--no-tracking", "--set", f"outputs={tmp_path}", "--set", "cvpn.lr=-1"])

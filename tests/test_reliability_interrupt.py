@@ -154,16 +154,38 @@ def test_a_stage_killed_at_random_points_resumes_to_the_identical_result(referen
             )
 
 
-def test_every_stage_is_deterministic_on_the_cpu(reference, tmp_path):
-    outputs = tmp_path / "outputs"
-    code, output = run_ncis(args("run", outputs), tmp_path, timeout=1200)
-    assert code == 0, readable(output)
+def differing_stages(reference: Path, outputs: Path) -> list[str]:
+    """The stages whose outputs differ between two whole runs (resume bookkeeping left out)."""
     first, second = ({k: v for k, v in digests(o).items() if not VOLATILE.fullmatch(k)} for o in (reference, outputs))
     assert first.keys() == second.keys()
     stages = {"metrics.json": "evaluate", "plots": "evaluate", "sample": "sample"}
     stages.update({name.split("/")[0]: stage for stage, (finals, books, _) in STAGES.items() for name in finals + books})
-    differing = sorted({stages.get(path.split("/")[0], path) for path in first if first[path] != second[path]})
+    return sorted({stages.get(path.split("/")[0], path) for path in first if first[path] != second[path]})
+
+
+def test_every_stage_is_deterministic_on_the_cpu(reference, tmp_path):
+    outputs = tmp_path / "outputs"
+    code, output = run_ncis(args("run", outputs), tmp_path, timeout=1200)
+    assert code == 0, readable(output)
+    differing = differing_stages(reference, outputs)
     assert differing == [], f"stages whose outputs differ between two runs with the same seed: {differing}"
+
+
+def test_a_stopped_ncis_run_goes_on_from_its_stage_with_from(reference, tmp_path):
+    """`ncis run` stopped in embed: the message names `--from embed`, and that rerun resumes embed's
+    saved chunks (a plain rerun would rewrite prepare's data first, voiding them) and ends as the
+    uninterrupted run did."""
+    outputs = tmp_path / "outputs"
+    child = Child(args("run", outputs), tmp_path)
+    interrupt(child, STAGES["embed"][2], signal.SIGINT, random.Random(0))
+    assert child.process.returncode == 130
+    last = ncis_lines(child.output)[-1]
+    assert last.startswith("ncis: stopped by SIGINT during stage embed; ") and "rerun it with --from embed" in last, last
+    code, output = run_ncis([*args("run", outputs), "--from", "embed"], tmp_path, timeout=1200)
+    assert code == 0, readable(output)
+    assert "embed: resuming" in output and "prepare:" not in output, readable(output)
+    differing = differing_stages(reference, outputs)
+    assert differing == [], f"stages whose outputs differ from the uninterrupted run: {differing}"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
