@@ -34,6 +34,7 @@ from ncis.config import is_placement, load_params
 from ncis.datasets import get_benchmark
 from ncis.errors import UserError
 from ncis.layout import layout_for
+from ncis.lock import exclusive_outputs
 from ncis.pipeline import stage_function
 from ncis.resume import claim, work_key
 
@@ -51,10 +52,16 @@ SYNTHETIC = ("cvpn", "linear", "knn")  # variants whose outliers the tiny model 
 
 
 def run(stages: list[str], params) -> None:
-    for name in stages:
-        started = time.perf_counter()
-        stage_function(name)(params)
-        print(f"[results] {name} done in {time.perf_counter() - started:.0f} s", flush=True)
+    """The stages in this process, holding the run folder's outputs lock as `ncis` does: a second
+    script on the same folder (e.g. two sweeps sharing a setting) is refused, not interleaved."""
+    try:
+        with exclusive_outputs(params.outputs, command=f"benchmarks ({', '.join(stages)})"):
+            for name in stages:
+                started = time.perf_counter()
+                stage_function(name)(params)
+                print(f"[results] {name} done in {time.perf_counter() - started:.0f} s", flush=True)
+    except UserError as err:
+        raise SystemExit(f"[results] {err}") from None
 
 
 def link(source: Path, out: Path, names) -> None:

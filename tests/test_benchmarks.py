@@ -35,6 +35,20 @@ def test_a_finished_run_is_reused_with_its_settings_and_refused_with_others(tmp_
         results.variant_run(tmp_path / "base", out, [*overrides, "classifier.epochs=3"], "none", None)
 
 
+def test_a_run_folder_another_process_is_filling_is_refused_not_shared(tmp_path):
+    from ncis.lock import outputs_lock
+
+    overrides = ["tracking.enabled=false", "classifier.outliers=none", "seed=1"]
+    out = tmp_path / "none-free-seed1"
+    # Another script claimed the folder for the same run and is running its stages (e.g. a second
+    # sweep with the same setting).
+    assert not results.own_folder(out, results.run_settings(load_params(overrides=[*overrides, f"outputs={out}"])))
+    with outputs_lock(out, command="benchmarks (train-classifier)"):
+        with pytest.raises(SystemExit, match="in use by `benchmarks \\(train-classifier\\)`"):
+            results.variant_run(tmp_path / "base", out, overrides, "none", None)
+    assert not (out / "classifier").exists()
+
+
 def test_mean_std_formats_spread_and_never_prints_negative_zero():
     assert results.mean_std([0.5, 0.7]) == "60.0 ± 14.1"
     assert results.mean_std([-0.0004, 0.0001], percent=True) == "0.0 ± 0.0"
