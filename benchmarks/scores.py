@@ -5,7 +5,7 @@ score in a sibling folder that links the run's data and classifier, so the run's
 metrics.json is left as it was. Prints mean ± std over seeds of the validation sets' average
 FPR95 / AUROC (to choose a score on), then the test sets' average, per group and per set (to report).
 
-    python benchmarks/scores.py [--outputs outputs/results] [--scores energy msp mahalanobis knn]
+    python benchmarks/scores.py [--outputs outputs/results] [--scores energy msp mahalanobis knn] [--heads monotone]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from results import metric_table
+from results import VARIANTS, metric_table
 
 from ncis.config import load_params
 from ncis.pipeline import stage_function
@@ -28,11 +28,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--outputs", default="outputs/results")
     parser.add_argument("--scores", nargs="+", default=["energy", "msp", "mahalanobis", "knn"])
+    parser.add_argument("--heads", nargs="+", default=["free", "monotone"], help="the energy heads whose runs to score")
     args = parser.parse_args()
     root = Path(args.outputs)
+    runs = [(p, RUN.match(p.name)) for p in root.iterdir() if RUN.match(p.name) and (p / "classifier").exists()]
+    runs = [(p, m) for p, m in runs if m["head"] in args.heads and m["variant"] in VARIANTS]
+    # Rows in results.py's order (variant, then head), as the README table has them.
+    runs.sort(key=lambda r: (list(VARIANTS).index(r[1]["variant"]), args.heads.index(r[1]["head"]), int(r[1]["seed"])))
     table: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
-    for run in sorted(p for p in root.iterdir() if RUN.match(p.name) and (p / "classifier").exists()):
-        match = RUN.match(run.name)
+    for run, match in runs:
         for score in args.scores:
             out = root / "scores" / f"{run.name}-{score}"
             out.mkdir(parents=True, exist_ok=True)
