@@ -31,8 +31,10 @@ def main() -> None:
     parser.add_argument("--heads", nargs="+", default=["free", "monotone"], help="the energy heads whose runs to score")
     args = parser.parse_args()
     root = Path(args.outputs)
-    runs = [(p, RUN.match(p.name)) for p in root.iterdir() if RUN.match(p.name) and (p / "classifier").exists()]
-    runs = [(p, m) for p, m in runs if m["head"] in args.heads and m["variant"] in VARIANTS]
+    runs = [
+        (p, m) for p in root.iterdir()
+        if (m := RUN.match(p.name)) and (p / "classifier").exists() and m["head"] in args.heads and m["variant"] in VARIANTS
+    ]
     # Rows in results.py's order (variant, then head), as the README table has them.
     runs.sort(key=lambda r: (list(VARIANTS).index(r[1]["variant"]), args.heads.index(r[1]["head"]), int(r[1]["seed"])))
     table: dict[tuple[str, str, str], list[dict]] = defaultdict(list)

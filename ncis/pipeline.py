@@ -25,10 +25,14 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 
 
-def stage_function(name: str) -> Callable[[Params], object]:
-    """The `main(params)` of stage `name` (imported on demand: a stage pays only for its own imports)."""
+def _check_stage(name: str) -> None:
     if name not in STAGES:
         raise UserError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
+
+
+def stage_function(name: str) -> Callable[[Params], object]:
+    """The `main(params)` of stage `name` (imported on demand: a stage pays only for its own imports)."""
+    _check_stage(name)
     module_name, _ = STAGES[name]
     try:
         module = importlib.import_module(module_name)
@@ -68,9 +72,8 @@ def run_pipeline(params: Params, run_name: str | None = None, first_stage: str =
     """Every stage in order, or from `first_stage` on (its inputs being those earlier stages wrote)."""
     from ncis import tracking
 
+    _check_stage(first_stage)
     names = list(STAGES)
-    if first_stage not in STAGES:
-        raise UserError(f"unknown stage {first_stage!r}; choose one of {', '.join(STAGES)}")
     functions = [(name, stage_function(name)) for name in names[names.index(first_stage) :]]  # fail before any work if one is missing
     with tracking.pipeline_run(params, run_name):
         for name, function in functions:

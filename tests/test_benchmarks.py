@@ -16,9 +16,14 @@ import study  # noqa: E402
 from ncis.config import load_params  # noqa: E402
 
 
+def claimed_run(out: Path, overrides: list[str]) -> None:
+    """A run folder as results.variant_run claims it before running its stages."""
+    assert not results.own_folder(out, results.run_settings(load_params(overrides=[*overrides, f"outputs={out}"])))
+
+
 def finished_run(out: Path, overrides: list[str]) -> None:
     """A run folder as results.variant_run leaves it, without running any stage."""
-    assert not results.own_folder(out, results.run_settings(load_params(overrides=[*overrides, f"outputs={out}"])))
+    claimed_run(out, overrides)
     (out / "metrics.json").write_text(json.dumps({"average": {"auroc": 0.6}}))
 
 
@@ -42,7 +47,7 @@ def test_a_run_folder_another_process_is_filling_is_refused_not_shared(tmp_path)
     out = tmp_path / "none-free-seed1"
     # Another script claimed the folder for the same run and is running its stages (e.g. a second
     # sweep with the same setting).
-    assert not results.own_folder(out, results.run_settings(load_params(overrides=[*overrides, f"outputs={out}"])))
+    claimed_run(out, overrides)
     with outputs_lock(out, command="benchmarks (train-classifier)"):
         with pytest.raises(SystemExit, match="in use by `benchmarks \\(train-classifier\\)`"):
             results.variant_run(tmp_path / "base", out, overrides, "none", None)
