@@ -18,8 +18,9 @@ env: $(BIN)/ncis
 demo: env
 	$(BIN)/python benchmarks/demo.py
 
+# Two workers, each taking whole test files (their module fixtures are built once).
 test: env
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # Push every output of dvc.lock to the in-repo remote dvc-store/, drop what dvc.lock no longer
 # names, and check the remote; then commit dvc.lock and dvc-store/.

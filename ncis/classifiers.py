@@ -20,7 +20,8 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from ncis import registry
-from ncis.datasets import Benchmark, NumericImageFolder, image_folder
+from ncis.datasets import Benchmark, image_folder
+from ncis.datasets.folders import NumericImageFolder
 from ncis.errors import UserError
 from ncis.io import load_state, load_weights
 

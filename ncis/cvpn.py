@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.decomposition import PCA
 from torch import nn
 
 from ncis.io import load_state, load_weights
@@ -210,6 +209,8 @@ def load_cvpn(folder: str | Path) -> CVPN:
 
 def kept_components(points: np.ndarray, pca_variance_percent: float) -> int:
     """Smallest number of principal components explaining (100 - pca_variance_percent)% of the variance."""
+    from sklearn.decomposition import PCA  # here: `sample` loads a cVPN and never counts (sklearn costs ~1 s of start-up)
+
     ratios = PCA().fit(points).explained_variance_ratio_
     target = (100.0 - pca_variance_percent) / 100.0
     # The tolerance keeps float round-off in the cumulative sum from costing a component.

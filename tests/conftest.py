@@ -132,20 +132,26 @@ def untrained_pipeline_dir(tmp_path_factory) -> Path:
     return folder
 
 
-QUALITY_TRAINING = ["diffusion.train_steps=900"]  # params.yaml trains 1150 steps
-
-
 @pytest.fixture(scope="session")
 def trained_digits(tmp_path_factory):
-    """`ncis prepare` on digits with a shortened training: (params, layout) of a real trained model."""
-    from ncis import prepare
+    """The published digits model and the training images it was trained on: (params, layout).
+
+    Read through DVC from dvc.lock's outputs in the in-repo remote (dvc-store/), so tests hold the
+    model users `dvc pull` to params.yaml's quality bar without training it again;
+    tests/test_dvc.py's "dvc repro runs nothing" test keeps that model current with the code.
+    """
+    from dvc.api import DVCFileSystem
+
     from ncis.config import load_params
     from ncis.layout import layout_for
 
     root = tmp_path_factory.mktemp("trained")
-    params = load_params(overrides=[f"outputs={root}", "tracking.enabled=false", *QUALITY_TRAINING])
-    prepare.main(params)
-    return params, layout_for(params)
+    params = load_params(overrides=[f"outputs={root}", "tracking.enabled=false"])
+    layout, in_repo = layout_for(params), layout_for(load_params())  # params.yaml's outputs: dvc.yaml's paths
+    published = DVCFileSystem(str(Path(__file__).parents[1]))
+    for folder in ("tiny_diffusion", "id_train"):
+        published.get(getattr(in_repo, folder).as_posix(), str(getattr(layout, folder)), recursive=True)
+    return params, layout
 
 
 # --- the MLflow UI in a real browser (tests/test_tracking.py) ---------------------------------
@@ -169,6 +175,19 @@ def chromium() -> str:
     if path is None:
         pytest.skip("needs Debian's chromium: apt-get install -y chromium (.ci/run does)")
     return path
+
+
+# --- two workers (`make test`: pytest-xdist, one test file per worker at a time) ---------------
+
+
+def pytest_configure(config):
+    # On CI's two cores, two workers computing on two threads each would only contend: each worker,
+    # and every process its tests start, computes on one.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 # --- the fast subset (`pytest -m "not slow"`) ----------------------------------------------------

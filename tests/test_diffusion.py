@@ -107,9 +107,8 @@ def test_generation_is_seeded_and_any_scheduler_can_be_named(untrained_pipeline_
 
 @pytest.mark.slow
 def test_prepared_model_draws_the_prompted_digit(trained_digits):
-    """Quality bar on the model `prepare` trains, sampled at guidance 3 where it follows its prompt.
-    Tests train 900 steps instead of params.yaml's 1150, so the bar here is 75% (the full model is
-    held to 90% by benchmarks/pipeline.py)."""
+    """Quality bar on the published model `prepare` trained, sampled at guidance 3 where it follows
+    its prompt: 90%, the bar benchmarks/pipeline.py holds a fresh training to."""
     from ncis.diagnostics import fit_pixel_classifier, in_class_fraction
 
     params, layout = trained_digits
@@ -122,7 +121,7 @@ def test_prepared_model_draws_the_prompted_digit(trained_digits):
     images = generate(pipe, encode_text(pipe, ids), 50, 3.0, latents)
     pixels = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     accuracy = in_class_fraction(classifier, pixels, labels)
-    assert accuracy >= 0.75, f"only {accuracy:.0%} of generated digits are the prompted class"
+    assert accuracy >= 0.9, f"only {accuracy:.0%} of generated digits are the prompted class"
 
 
 # --- Stable Diffusion's shape: a latent UNet behind a VAE (tiny_sd_dir, tests/conftest.py) ---
