@@ -15,14 +15,22 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from typing import Any, Callable, ContextManager, Iterator, Sequence, TypeVar
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Sequence, TypeVar
 
 from ncis.errors import UserError
 
+if TYPE_CHECKING:
+    import torch
+
 T = TypeVar("T")
+
+
+def _dist():
+    # torch is imported where a process group can exist: `ncis compare`, `publish` and a refused
+    # parameter never pay its second of start-up.
+    import torch.distributed
+
+    return torch.distributed
 
 
 def launched() -> bool:
@@ -31,15 +39,15 @@ def launched() -> bool:
 
 
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    return launched() and _dist().is_available() and _dist().is_initialized()
 
 
 def rank() -> int:
-    return dist.get_rank() if active() else 0
+    return _dist().get_rank() if active() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if active() else 1
+    return _dist().get_world_size() if active() else 1
 
 
 def is_main() -> bool:
@@ -48,7 +56,7 @@ def is_main() -> bool:
 
 def barrier() -> None:
     if active():
-        dist.barrier()
+        _dist().barrier()
 
 
 @contextlib.contextmanager
@@ -57,6 +65,9 @@ def session(device_name: str, timeout_minutes: float) -> Iterator[None]:
     if not launched() or active():
         yield
         return
+    import torch
+
+    dist = _dist()
     use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
     if use_cuda:
         # Every later torch.device("cuda") means this process's own GPU.
@@ -85,7 +96,7 @@ def broadcast(value: Any) -> Any:
     if not active():
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    _dist().broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -94,7 +105,7 @@ def gather(value: Any) -> list[Any] | None:
     if not active():
         return [value]
     values = [None] * world_size() if is_main() else None
-    dist.gather_object(value, values, dst=0)
+    _dist().gather_object(value, values, dst=0)
     return values
 
 
@@ -120,7 +131,7 @@ def held_by_main(enter: Callable[[], ContextManager]) -> Iterator[None]:
         barrier()
 
 
-def sampler(dataset) -> "torch.utils.data.DistributedSampler | None":
+def sampler(dataset) -> torch.utils.data.DistributedSampler | None:
     """A shuffling sampler giving this rank its share of `dataset` (None in one process). Its
     order is set per epoch with `set_epoch`; the last incomplete share is dropped, as one
     process's loader drops its last incomplete batch."""
@@ -135,6 +146,7 @@ def parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """`model` wrapped in DistributedDataParallel (gradients averaged across ranks); itself in one process."""
     if not active():
         return model
+    import torch
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
@@ -146,5 +158,5 @@ def average_gradients(parameters) -> None:
         return
     for parameter in parameters:
         if parameter.grad is not None:
-            dist.all_reduce(parameter.grad)
+            _dist().all_reduce(parameter.grad)
             parameter.grad /= world_size()
