@@ -65,6 +65,59 @@ def test_forward_shapes(arch, channels, size):
     assert features.shape[1] == model.fc.in_features
 
 
+def _conv(c_in: int, c_out: int, k: int) -> int:  # bias-free, as in both papers' networks
+    return c_in * c_out * k * k
+
+
+def _bn(c: int) -> int:  # scale and shift
+    return 2 * c
+
+
+def _resnet34_cifar_parameters(channels: int, classes: int) -> int:
+    """He et al.'s ResNet-34 (basic blocks 3-4-6-3 at widths 64-512, a 1x1 conv + BN shortcut where
+    the shape changes) with the CIFAR stem: one 3x3 conv, no max-pool; then the logits layer."""
+    total, c_in = _conv(channels, 64, 3) + _bn(64), 64
+    for width, blocks in zip((64, 128, 256, 512), (3, 4, 6, 3)):
+        for _ in range(blocks):
+            total += _conv(c_in, width, 3) + _bn(width) + _conv(width, width, 3) + _bn(width)
+            total += _conv(c_in, width, 1) + _bn(width) if c_in != width else 0
+            c_in = width
+    return total + 512 * classes + classes
+
+
+def _wrn_parameters(channels: int, classes: int, depth: int, widen: int) -> int:
+    """Zagoruyko & Komodakis' WRN-depth-widen: a 3x3 conv to 16, three stages of (depth-4)/6
+    pre-activation blocks (BN, 3x3 conv, BN, 3x3 conv; a bare 1x1 conv shortcut where the width
+    changes), a last BN, then the logits layer."""
+    total, c_in = _conv(channels, 16, 3), 16
+    for width in (16 * widen, 32 * widen, 64 * widen):
+        for _ in range((depth - 4) // 6):
+            total += _bn(c_in) + _conv(c_in, width, 3) + _bn(width) + _conv(width, width, 3)
+            total += _conv(c_in, width, 1) if c_in != width else 0
+            c_in = width
+    return total + _bn(c_in) + c_in * classes + classes
+
+
+@pytest.mark.parametrize(
+    "arch, classes, expected",
+    [
+        # The published sizes: ResNet-34 on CIFAR-100; WRN-40-2 on CIFAR-10 (Hendrycks' OE code:
+        # 2,243,546) and on CIFAR-100 (90 more classes x 129).
+        ("resnet34", 100, 21_328_292),
+        ("wrn40_2", 10, 2_243_546),
+        ("wrn40_2", 100, 2_255_156),
+    ],
+)
+def test_paper_architectures_have_the_layer_by_layer_parameter_count(arch, classes, expected):
+    counted = {"resnet34": _resnet34_cifar_parameters(3, classes), "wrn40_2": _wrn_parameters(3, classes, 40, 2)}[arch]
+    assert counted == expected  # the counting above is the architecture the papers describe
+    model = build_classifier(arch, num_classes=classes, channels=3)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == {"resnet34": 1 + 2 * 16 + 3, "wrn40_2": 1 + 2 * 18 + 3}[arch]
+    assert convs[0].kernel_size == (3, 3) and convs[0].stride == (1, 1)  # the CIFAR stem: 32x32 kept
+
+
 def test_an_unknown_architecture_is_refused_when_params_are_read():
     with pytest.raises(UserError, match=r"classifier.arch: .*unknown architecture 'vgg'.*resnet34"):
         load_params(overrides=["classifier.arch=vgg"])
