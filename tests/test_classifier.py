@@ -395,6 +395,33 @@ def test_baseline_and_noise_outliers_need_no_synthetic_images(tmp_path, logged_s
     assert "weight" in main(tiny_params(tmp_path, epochs=1, outliers="noise"))["energy_head"]
 
 
+def test_noise_outliers_are_drawn_noise_images_that_the_energy_term_trains_on(tmp_path, logged_steps, monkeypatch):
+    """`classifier.outliers=noise`: every step's outlier batch is max_outliers fixed noise images,
+    Gaussian (clamped to [0, 1]) and uniform alike, and the energy regulariser on them is in the loss."""
+    make_tiny_data(tmp_path, outliers=False)
+    seen, regulariser = [], []
+    real_loss = train_classifier.batch_loss
+
+    def recording(model, head, images, labels, outlier_images, energy_weight):
+        loss, logits = real_loss(model, head, images, labels, outlier_images, energy_weight)
+        seen.append(None if outlier_images is None else outlier_images.detach().clone())
+        regulariser.append(float(loss.detach() - F.cross_entropy(logits[: len(images)].detach(), labels)))
+        return loss, logits
+
+    monkeypatch.setattr(train_classifier, "batch_loss", recording)
+    main(tiny_params(tmp_path, epochs=1, outliers="noise", outlier_batch_size=4, max_outliers=6, energy_weight=0.5))
+    assert len(seen) == 5 and all(batch is not None and batch.shape == (4, 1, 8, 8) for batch in seen)  # 40 ID images / 8
+    images = torch.cat(seen)
+    distinct = torch.unique(images.flatten(1), dim=0)
+    assert len(distinct) == 6  # 20 draws, cycling through the 6 fixed images
+    assert images.min() >= 0 and images.max() <= 1
+    clamped = ((distinct == 0) | (distinct == 1)).any(dim=1)  # N(0.5, 0.5^2) leaves ~1/3 of pixels outside [0, 1]
+    assert clamped.sum() == 3, "half Gaussian, half uniform"
+    uniform = distinct[~clamped]
+    assert ((uniform > 0) & (uniform < 1)).all() and abs(uniform.mean() - 0.5) < 0.1 and abs(uniform.std() - 12**-0.5) < 0.05
+    assert all(term > 1e-4 for term in regulariser)  # the energy term: outlier batches count in the loss
+
+
 def test_missing_id_data_names_prepare(tmp_path):
     with pytest.raises(UserError, match="ncis prepare"):
         main(tiny_params(tmp_path))
