@@ -152,11 +152,24 @@ class SynthesizeParams(Section):
     control_per_class: int = Field(ge=0, description="images per class from unperturbed embeddings, for diagnostics (0 = none)")
 
 
+# classifier.init's value for "the classifier the pretrain-classifier stage wrote" (<outputs>/pretrained_classifier).
+PRETRAINED_INIT = "pretrain-classifier"
+
+
+class PretrainParams(Section):
+    """Phase 1 of a two-phase classifier (the paper's ImageNet-100 recipe): cross-entropy on the ID
+    images alone, with the classifier section's backbone, optimiser, schedule, augmentation and
+    precision; train-classifier then fine-tunes it (classifier.init: pretrain-classifier)."""
+
+    epochs: int = Field(ge=0, description="phase-1 epochs (0 = no phase 1: the pretrain-classifier stage does nothing)")
+    batch_size: int = Field(ge=1, description="phase-1 ID images per step")
+
+
 class ClassifierParams(Section):
     arch: str = Field(description="backbone, a name in ncis/registry.py ARCHITECTURES (resnet34, wrn40_2, small_cnn)")
     init: str = Field(
         description="folder of a classifier train-classifier saved (e.g. by a classifier.outliers=none run) to start "
-        "from; empty = random initialisation"
+        f"from; {PRETRAINED_INIT} = the one the pretrain-classifier stage trained (phase 1); empty = random initialisation"
     )
     outliers: Literal["ncis", "none", "noise"] = Field(description="ncis = synthesized images; none = cross-entropy only")
     epochs: int = Field(ge=1, description="training epochs (cosine schedule over all of them)")
@@ -231,6 +244,7 @@ class Params(Section):
     cvpn: CvpnParams
     sample: SampleParams
     synthesize: SynthesizeParams
+    pretrain: PretrainParams
     classifier: ClassifierParams
     evaluate: EvaluateParams
     tracking: TrackingParams
@@ -243,6 +257,23 @@ class Params(Section):
         missing = [key for key in get_benchmark(self.benchmark).needs if flat.get(key) is None]
         if missing:
             raise UserError(f"{missing[0]}: required by the {self.benchmark} benchmark; set it in the params file")
+        return self
+
+    @model_validator(mode="after")
+    def _pretrain_feeds_init(self):
+        # Phase 1 and its use are one choice: neither a phase 2 without its phase 1, nor a phase 1
+        # that nothing starts from (a run of hours thrown away).
+        starts_from_it = self.classifier.init == PRETRAINED_INIT
+        if starts_from_it and not self.pretrain.epochs:
+            raise UserError(
+                f"classifier.init={PRETRAINED_INIT} starts from phase 1, which pretrain.epochs=0 skips; "
+                "set pretrain.epochs above 0, or classifier.init to a folder or empty"
+            )
+        if self.pretrain.epochs and not starts_from_it:
+            raise UserError(
+                f"pretrain.epochs={self.pretrain.epochs} trains a phase-1 classifier nothing starts from; "
+                f"set classifier.init={PRETRAINED_INIT}, or pretrain.epochs=0"
+            )
         return self
 
     def flat(self) -> dict[str, Any]:

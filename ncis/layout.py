@@ -86,6 +86,16 @@ class Layout:
         """Rendered batches of a stopped synthesize, resumed by a rerun (removed once the images are written)."""
         return self.root / "synthesize_batches"
 
+    # pretrain-classifier
+    @property
+    def pretrained_classifier(self) -> Path:
+        """Phase 1's classifier (cross-entropy alone); with `pretrain.epochs: 0` only `skipped.json`."""
+        return self.root / "pretrained_classifier"
+
+    @property
+    def pretrained_classifier_checkpoints(self) -> Path:
+        return self.root / "pretrained_classifier_checkpoints"
+
     # train-classifier
     @property
     def classifier(self) -> Path:

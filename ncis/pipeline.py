@@ -20,6 +20,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "train-cvpn": ("ncis.train_cvpn", "train the conditional volume-preserving network on the embeddings"),
     "sample": ("ncis.sample", "draw low-density outlier embeddings per class"),
     "synthesize": ("ncis.synthesize", "generate outlier images from the outlier embeddings"),
+    "pretrain-classifier": ("ncis.pretrain_classifier", "phase 1 of a two-phase classifier: cross-entropy alone (imagenet100; a no-op at pretrain.epochs 0)"),
     "train-classifier": ("ncis.train_classifier", "train the classifier with the energy regulariser on ID + outliers"),
     "evaluate": ("ncis.evaluate", "FPR95 / AUROC / AUPR and ID accuracy against the OOD test sets"),
 }
@@ -45,7 +46,7 @@ def stage_function(name: str) -> Callable[[Params], object]:
 
 # Stages that split their work across torchrun's processes (ncis.distributed); the others run on
 # rank 0 alone while the other ranks wait.
-SHARDED_STAGES = ("embed", "synthesize", "train-classifier")
+SHARDED_STAGES = ("embed", "synthesize", "pretrain-classifier", "train-classifier")
 
 
 def on_ranks(name: str, function, params: Params):

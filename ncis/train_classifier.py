@@ -10,9 +10,10 @@ the HIGHER energy, and its gradient then pushes the classifier further that way:
 log it. `mlp` is the paper's ImageNet-100 head, 1 -> 512 -> ReLU -> 2
 (scripts/train_ood_det_in100.py:218-222).
 
-`classifier.init` starts from a classifier this stage saved before, e.g. the paper's
-ImageNet-100 recipe: a cross-entropy run (`classifier.outliers: none`), then a fine-tuning
-run with the energy regulariser from it (configs/imagenet100.yaml).
+`classifier.init` starts from a classifier this stage saved before. The paper's ImageNet-100
+recipe is two phases (configs/imagenet100.yaml): the pretrain-classifier stage
+(ncis/pretrain_classifier.py) trains with cross-entropy alone, through `train` below, and
+`classifier.init: pretrain-classifier` fine-tunes its classifier here with the energy regulariser.
 
 Every epoch writes a checkpoint (safetensors + JSON, no pickle); a stopped run resumes
 from the last complete one.
@@ -42,6 +43,7 @@ from ncis.classifiers import (
     train_transform,
 )
 from ncis.datasets import get_benchmark
+from ncis.config import PRETRAINED_INIT
 from ncis.errors import UserError
 from ncis.io import load_state, load_weights, save_weights
 from ncis.layout import layout_for
@@ -157,16 +159,20 @@ class NoiseImages(Dataset):
 
 
 def outlier_dataset(params, layout, benchmark) -> Dataset | None:
-    settings = params.classifier
+    return outlier_images(params.classifier, params.seed, layout, benchmark)
+
+
+def outlier_images(settings, seed: int, layout, benchmark) -> Dataset | None:
+    """The outlier images `settings` (a classifier section) asks for; None for outliers=none."""
     if settings.outliers == "none":
         return None
     if settings.outliers == "noise":
         if not settings.max_outliers:
             raise UserError("classifier.outliers=noise draws classifier.max_outliers noise images; set it above 0")
-        return NoiseImages(settings.max_outliers, benchmark.channels, benchmark.image_size, params.seed)
+        return NoiseImages(settings.max_outliers, benchmark.channels, benchmark.image_size, seed)
     dataset = open_images(layout.synthetic_images, outlier_transform(benchmark, settings.augment), "synthesize")
     if settings.max_outliers and len(dataset) > settings.max_outliers:
-        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(params.seed))[: settings.max_outliers]
+        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[: settings.max_outliers]
         dataset = Subset(dataset, keep.tolist())
     return dataset
 
@@ -207,7 +213,7 @@ def save_checkpoint(folder: Path, epoch: int, model, head, optimizer, scheduler,
     checkpoints.save(folder, "epoch", epoch, modules={"model": model, "head": head}, optimizer=optimizer, scheduler=scheduler, meta=meta, keep=keep)
 
 
-def resume(folder: Path, key: str, epochs: int, model, head, optimizer, scheduler, device) -> tuple[int, dict]:
+def resume(folder: Path, key: str, epochs: int, model, head, optimizer, scheduler, device, epochs_key: str = "classifier.epochs") -> tuple[int, dict]:
     """Load the last complete checkpoint of the work `key` (ncis/resume.py; checkpoints of other
     work are discarded); returns (epochs done, their last stats)."""
     found = checkpoints.saved(folder, "epoch") if claim(folder, key) else []
@@ -221,7 +227,7 @@ def resume(folder: Path, key: str, epochs: int, model, head, optimizer, schedule
         # would give a schedule neither run describes.
         raise UserError(
             f"{folder} holds {epoch} epoch(s) of a {meta['epochs']}-epoch run, whose learning-rate schedule cannot change "
-            f"length; set classifier.epochs={meta['epochs']} to finish it, or delete {folder} to train {epochs} epochs from scratch"
+            f"length; set {epochs_key}={meta['epochs']} to finish it, or delete {folder} to train {epochs} epochs from scratch"
         )
     print(f"train-classifier: resuming after epoch {epoch} from {path}")
     return epoch, meta.get("stats", {})
@@ -300,7 +306,13 @@ def main(params) -> dict:
     # small_cnn's ops on 8x8 images are too small to split across threads: the extra threads
     # only synchronise, which made training ~6x slower on a busy 2-core machine.
     with single_cpu_thread(device, when=params.classifier.arch == "small_cnn"):
-        return train(params, device)
+        layout = layout_for(params)
+        return train(params, params.classifier, device, layout.classifier, layout.classifier_checkpoints)
+
+
+def init_folder(init: str, layout) -> Path:
+    """The folder `classifier.init` names: phase 1's output for `pretrain-classifier`."""
+    return layout.pretrained_classifier if init == PRETRAINED_INIT else Path(init)
 
 
 def read_init(folder: Path, settings, benchmark, layout) -> tuple[dict[str, torch.Tensor], dict]:
@@ -308,6 +320,8 @@ def read_init(folder: Path, settings, benchmark, layout) -> tuple[dict[str, torc
     if folder.resolve() == layout.classifier.resolve():
         raise UserError(f"classifier.init={folder} is the folder this stage rewrites; copy that classifier elsewhere first")
     if not (folder / "model.safetensors").exists() or not (folder / "config.json").exists():
+        if settings.init == PRETRAINED_INIT:
+            raise UserError(f"classifier.init={PRETRAINED_INIT}: {folder} holds no phase-1 classifier; run the pretrain-classifier stage first")
         raise UserError(
             f"classifier.init={folder} holds no classifier (model.safetensors + config.json); "
             "train one first, e.g. with classifier.outliers=none"
@@ -321,24 +335,31 @@ def read_init(folder: Path, settings, benchmark, layout) -> tuple[dict[str, torc
 
 
 def build_model(params, layout, benchmark, device) -> tuple[Classifier, list[float], list[float]]:
-    """The classifier to train: from `classifier.init` if set, else new, normalised with the ID training set's stats."""
-    settings = params.classifier
-    if settings.init:
-        weights, config = read_init(Path(settings.init), settings, benchmark, layout)
+    return model_for(params.classifier, params.seed, layout, benchmark, device)
+
+
+def model_for(settings, seed: int, layout, benchmark, device) -> tuple[Classifier, list[float], list[float]]:
+    """The classifier to train: from `settings.init` if set, else new, normalised with the ID training set's stats."""
+    init = init_folder(settings.init, layout) if settings.init else None
+    if init:
+        weights, config = read_init(init, settings, benchmark, layout)
         mean, std = config["mean"], config["std"]
     else:
         eval_images = open_images(layout.id_train, eval_transform(benchmark), "prepare")
-        mean, std = channel_stats(eval_images, params.seed, device)
+        mean, std = channel_stats(eval_images, seed, device)
     model = build_classifier(settings.arch, benchmark.num_classes, benchmark.channels, mean, std)
-    if settings.init:
-        load_state(model, weights, Path(settings.init) / "model.safetensors")
+    if init:
+        load_state(model, weights, init / "model.safetensors")
+        tracking.set_tags({"ncis.classifier_init": str(init)})
     return model.to(device), mean, std
 
 
-def train(params, device: torch.device) -> dict:
+def train(params, settings, device: torch.device, output: Path, checkpoint_folder: Path, epochs_key: str = "classifier.epochs", log_model: bool = True) -> dict:
+    """Train the classifier `settings` (a classifier section: params.classifier, or phase 1's) into
+    `output`, resuming from and checkpointing to `checkpoint_folder`; `epochs_key` names the key
+    that sets `settings.epochs`, for messages; `log_model` logs it as an MLflow model too."""
     layout = layout_for(params)
     benchmark = get_benchmark(params.benchmark)
-    settings = params.classifier
     seed_everything(params.seed)
 
     # 1. Data and model
@@ -347,8 +368,8 @@ def train(params, device: torch.device) -> dict:
     originals = settings.augment == "resized_crop" and benchmark.keeps_originals
     id_folder = layout.id_train_originals if originals else layout.id_train
     id_train = open_images(id_folder, train_transform(benchmark, settings.augment), "prepare")
-    outliers = outlier_dataset(params, layout, benchmark)
-    model, mean, std = build_model(params, layout, benchmark, device)
+    outliers = outlier_images(settings, params.seed, layout, benchmark)
+    model, mean, std = model_for(settings, params.seed, layout, benchmark, device)
     head = build_energy_head(settings).to(device)
 
     # 2. Optimiser, loaders, schedule
@@ -389,13 +410,13 @@ def train(params, device: torch.device) -> dict:
         {
             "id_train": id_folder,
             **({"outliers": layout.synthetic_images} if settings.outliers == "ncis" else {}),
-            **({"init": Path(settings.init)} if settings.init else {}),
+            **({"init": init_folder(settings.init, layout)} if settings.init else {}),
         },
     )
     # Rank 0 claims the folder (discarding other work) before the other ranks read it.
     for turn in (True, False):
         if distributed.is_main() == turn:
-            done, stats = resume(layout.classifier_checkpoints, key, settings.epochs, model, head, optimizer, scheduler, device)
+            done, stats = resume(checkpoint_folder, key, settings.epochs, model, head, optimizer, scheduler, device, epochs_key)
         distributed.barrier()
 
     # 4. Train, one checkpoint per epoch
@@ -415,7 +436,7 @@ def train(params, device: torch.device) -> dict:
         if not distributed.is_main():
             continue  # rank 0 saves: every rank holds the same weights after each step
         save_checkpoint(
-            layout.classifier_checkpoints,
+            checkpoint_folder,
             epoch,
             model,
             head,
@@ -448,8 +469,10 @@ def train(params, device: torch.device) -> dict:
         "epochs": settings.epochs,
         "train_stats": stats,
     }
-    save_weights(layout.classifier, model, config)
-    tracking.log_artifact(layout.classifier)
+    save_weights(output, model, config)
+    tracking.log_artifact(output)
+    if not log_model:  # phase 1: the pipeline registers the classifier it evaluates, never this one
+        return config
     eval_images = open_images(layout.id_train, eval_transform(benchmark), "prepare")
     examples = torch.stack([eval_images[i][0] for i in range(min(2, len(eval_images)))])
     tracking.log_classifier_model(model.eval(), examples)  # model normalises itself: it takes [0, 1] images

@@ -78,3 +78,15 @@ def test_a_key_the_benchmark_needs_cannot_be_left_out():
         load_params(ROOT / "params.yaml", ["diffusion.train_steps=null"])
     with pytest.raises(UserError, match="data.root: required by the cifar100 benchmark"):
         load_params(ROOT / "configs" / "cifar100.yaml", ["data.root=null"])
+
+
+def test_phase_one_and_its_use_are_one_choice():
+    """pretrain.epochs > 0 exactly when classifier.init starts from it: no phase 2 without its
+    phase 1, no phase 1 that nothing starts from; imagenet100 alone ships both phases."""
+    assert load_params(ROOT / "configs" / "imagenet100.yaml").classifier.init == "pretrain-classifier"
+    assert all(load_params(p).pretrain.epochs == 0 for p in (ROOT / "params.yaml", ROOT / "configs" / "cifar100.yaml"))
+    with pytest.raises(UserError, match="pretrain.epochs=0 skips"):
+        load_params(ROOT / "configs" / "imagenet100.yaml", ["pretrain.epochs=0"])
+    with pytest.raises(UserError, match="nothing starts from"):
+        load_params(ROOT / "configs" / "imagenet100.yaml", ["classifier.init="])
+    assert load_params(ROOT / "configs" / "imagenet100.yaml", ["pretrain.epochs=0", "classifier.init=models/x"]).classifier.init == "models/x"

@@ -60,6 +60,7 @@ def test_outs_follow_the_layout():
         "train-cvpn": {layout.cvpn},
         "sample": {layout.outliers},
         "synthesize": {layout.synthetic_images, layout.synth_dir / "diagnostics.json", layout.preview},
+        "pretrain-classifier": {layout.pretrained_classifier, layout.pretrained_classifier_checkpoints},
         "train-classifier": {layout.classifier, layout.classifier_checkpoints},
         "evaluate": {layout.metrics, layout.plots},
     }

@@ -273,13 +273,31 @@ def test_ncis_run_with_the_cifar100_config_goes_from_raw_data_to_metrics(tmp_pat
 
 @pytest.mark.slow
 def test_ncis_run_with_the_imagenet100_config_goes_from_raw_data_to_metrics(tmp_path, tiny_sd_dir, monkeypatch):
-    from ncis import embed
+    from safetensors.torch import load_file
+
+    from ncis import checkpoints, embed, train_classifier
     from ncis.cli import main
 
-    read = []
+    read, inits = [], []
     monkeypatch.setattr(embed, "image_folder", lambda folder, **kw: read.append(Path(folder)) or image_folder(folder, **kw))
+    real_read_init = train_classifier.read_init
+    monkeypatch.setattr(train_classifier, "read_init", lambda folder, *a: inits.append(Path(folder)) or real_read_init(folder, *a))
     fake_imagenet100(tmp_path / "datasets")
-    assert main(_tiny_run(tmp_path, tiny_sd_dir, tmp_path / "datasets", "configs/imagenet100.yaml")) == 0
-    _check_every_boundary(tmp_path / "outputs", "imagenet100", 224, {"inaturalist", "sun", "places", "textures"}, 32, tiny_sd_dir)
+    # The config's two phases, each cut to one epoch: no classifier.init is set here.
+    run = _tiny_run(tmp_path, tiny_sd_dir, tmp_path / "datasets", "configs/imagenet100.yaml", "pretrain.epochs=1", "pretrain.batch_size=64")
+    assert main(run) == 0
+    outputs = tmp_path / "outputs"
+    _check_every_boundary(outputs, "imagenet100", 224, {"inaturalist", "sun", "places", "textures"}, 32, tiny_sd_dir)
     # embed inverts the original JPEGs (the paper's 512 view), not the stored 224 crops
-    assert read == [tmp_path / "outputs" / "data" / "train_originals"]
+    assert read == [outputs / "data" / "train_originals"]
+    # Phase 1 (pretrain-classifier) wrote a cross-entropy classifier; phase 2 started from it alone.
+    phase_one = json.loads((outputs / "pretrained_classifier" / "config.json").read_text())
+    assert phase_one["outliers"] == "none" and phase_one["energy_head"] is None and phase_one["epochs"] == 1
+    assert inits == [outputs / "pretrained_classifier"]
+    phase_two = json.loads((outputs / "classifier" / "config.json").read_text())
+    assert phase_two["outliers"] == "ncis" and phase_two["energy_head"]["mode"] == "mlp"
+    assert (phase_two["mean"], phase_two["std"]) == (phase_one["mean"], phase_one["std"])  # kept from the init
+    first = load_file(str(outputs / "pretrained_classifier" / "model.safetensors"))
+    second = load_file(str(outputs / "classifier" / "model.safetensors"))
+    assert first.keys() == second.keys() and any(not torch.equal(first[k], second[k]) for k in first)  # then trained on
+    assert checkpoints.saved(outputs / "pretrained_classifier_checkpoints", "epoch")  # its own resume state
