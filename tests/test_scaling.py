@@ -28,20 +28,42 @@ def test_auto_settings_change_nothing_on_the_cpu_and_speed_up_cuda():
     assert not any(is_placement(k) for k in ("compile", "classifier.precision", "classifier.num_workers"))
 
 
-def test_compile_is_off_unless_asked():
-    module = torch.nn.Linear(2, 2)
+def test_compile_is_off_unless_asked_and_compiles_the_same_module_when_asked():
+    module = torch.nn.Linear(3, 2)
     assert compiled(module, False) is module
-    assert compiled(module, True) is not module
+    fast = compiled(module, True)
+    # torch.compile's wrapper around this very module (its parameters, its state dict), not a copy
+    assert isinstance(fast, torch._dynamo.eval_frame.OptimizedModule) and fast._orig_mod is module
+    images = torch.rand(4, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(images), module(images))  # a linear layer: compiled or not, the same numbers
 
 
-def test_bfloat16_classifier_training_runs_on_the_cpu(tmp_path):
+def test_bfloat16_classifier_training_computes_in_bfloat16_on_the_cpu(tmp_path, monkeypatch):
+    """precision=bfloat16 trains under autocast: convolutions and the logits layer compute in
+    bfloat16 (float32 weights); float32 keeps every layer in float32."""
     from test_classifier import make_tiny_data, tiny_params
 
-    from ncis.train_classifier import main
+    from ncis import train_classifier
 
     make_tiny_data(tmp_path)
-    config = main(tiny_params(tmp_path, epochs=1, precision="bfloat16"))
+    dtypes: set[torch.dtype] = set()
+    build = train_classifier.build_classifier
+
+    def watched(*args, **kwargs):
+        model = build(*args, **kwargs)
+        for layer in model.modules():
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+                layer.register_forward_hook(lambda module, inputs, output: dtypes.add(output.dtype))
+        return model
+
+    monkeypatch.setattr(train_classifier, "build_classifier", watched)
+    config = train_classifier.main(tiny_params(tmp_path, epochs=1, precision="bfloat16"))
+    assert dtypes == {torch.bfloat16}
     assert torch.isfinite(torch.tensor(config["train_stats"]["train/loss"]))
+    dtypes.clear()
+    train_classifier.main(tiny_params(tmp_path, epochs=1, precision="float32"))  # other settings: trains from scratch
+    assert dtypes == {torch.float32}
 
 
 def test_gradient_checkpointing_inverts_to_the_same_vectors(untrained_pipeline_dir):
