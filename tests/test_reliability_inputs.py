@@ -295,11 +295,27 @@ def test_an_unexpected_error_is_one_line_pointing_to_debug(ncis, layout, monkeyp
         ncis("train-cvpn", debug=True)
 
 
+@pytest.fixture
+def default_handling():
+    """`reset(signum)` gives a signal Python's own handling for the test (KeyboardInterrupt for
+    SIGINT, the system default for the others), as a fresh `ncis` process in a terminal has it,
+    whatever runs the tests: a background job of a non-interactive shell ignores SIGINT, `nohup`
+    SIGHUP. The previous handlers come back after the test."""
+    saved = {}
+
+    def reset(signum: int) -> None:
+        saved.setdefault(signum, signal.getsignal(signum))
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    yield reset
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
-def test_a_stop_signal_mid_stage_exits_with_one_line_naming_the_stage(ncis, layout, monkeypatch, signum, code):
+def test_a_stop_signal_mid_stage_exits_with_one_line_naming_the_stage(ncis, layout, monkeypatch, default_handling, signum, code):
     """A real signal to this process while a stage runs: the stage unwinds like after Ctrl-C."""
-    if signal.getsignal(signum) not in (signal.SIG_DFL, signal.default_int_handler):
-        pytest.skip(f"{signal.Signals(signum).name} is handled or ignored by whatever runs the tests")
+    default_handling(signum)
     write_embeddings(layout.embeddings)
     fit = train_cvpn.fit_cvpn
 
@@ -349,11 +365,10 @@ def test_a_corrupt_resume_chunk_is_named_and_deleting_it_resumes(ncis, layout, u
     np.testing.assert_array_equal(load_arrays(layout.embeddings)["embeddings"], expected["embeddings"])
 
 
-def test_an_error_caused_by_a_stop_signal_reports_the_stop(ncis, layout, monkeypatch):
+def test_an_error_caused_by_a_stop_signal_reports_the_stop(ncis, layout, monkeypatch, default_handling):
     """With DataLoader workers (on a GPU), the SIGTERM that stops a job also kills the workers, and
     the main process may first see "worker killed": still a stop, not an unforeseen error."""
-    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        pytest.skip("SIGTERM is handled or ignored by whatever runs the tests")
+    default_handling(signal.SIGTERM)
 
     def worker_died(params):
         try:
