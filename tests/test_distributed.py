@@ -29,10 +29,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args: list[str], processes: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], processes: int = 2, timeout: float = 300, program: tuple[str, ...] = ("-m", "ncis.cli")) -> subprocess.CompletedProcess:
+    """`program` (`ncis`, or a script and its own arguments) on `processes` torchrun ranks."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
-               f"--master_port={_free_port()}", "-m", "ncis.cli", *args]
+               f"--master_port={_free_port()}", *program, *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
@@ -148,10 +149,51 @@ def test_held_by_main_passes_the_refusal_on(tmp_path):
             pass
 
 
+# `ncis` on one torchrun rank that also saves what this rank holds: after every epoch its
+# classifier's and energy head's parameters and its own stats, and the head's gradient of its
+# first step before the ranks average it. Only rank 0 writes ncis's outputs, so the other ranks'
+# weights are seen nowhere else.
+RANK_WEIGHTS = """
+import json, sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from ncis import distributed, train_classifier
+from ncis.cli import main
+
+folder = Path(sys.argv[1])
+train_epoch, average_gradients = train_classifier.train_epoch, distributed.average_gradients
+
+
+def keeping(model, head, *args):
+    stats = train_epoch(model, head, *args)
+    name = f"rank{distributed.rank()}-epoch{args[-1]}"
+    model = getattr(model, "module", model)  # inside DistributedDataParallel
+    tensors = {f"model/{k}": p for k, p in model.named_parameters()} | {f"head/{k}": p for k, p in head.named_parameters()}
+    save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()}, str(folder / f"{name}.safetensors"))
+    (folder / f"{name}.json").write_text(json.dumps(stats))
+    return stats
+
+
+def averaging(parameters):
+    parameters = list(parameters)
+    first = folder / f"rank{distributed.rank()}-local-head-gradient.safetensors"
+    if not first.exists():
+        save_file({str(i): p.grad.clone() for i, p in enumerate(parameters)}, str(first))
+    average_gradients(parameters)
+
+
+train_classifier.train_epoch, distributed.average_gradients = keeping, averaging
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 @pytest.mark.slow  # two torchrun processes: ~20 s
 def test_ddp_training_shares_the_data_and_writes_one_classifier(tmp_path):
     import json
 
+    from safetensors.torch import load_file
     from test_classifier import make_tiny_data
 
     from ncis.classifiers import load_classifier
@@ -159,7 +201,10 @@ def test_ddp_training_shares_the_data_and_writes_one_classifier(tmp_path):
     make_tiny_data(tmp_path)  # 40 ID images, outliers capped at 10 below
     settings = [f"outputs={tmp_path}", "device=cpu", "classifier.arch=small_cnn", "classifier.epochs=2", "classifier.batch_size=8",
                 "classifier.outlier_batch_size=4", "classifier.max_outliers=10"]
-    done = torchrun(_cli_args("train-classifier", settings))
+    script, kept = tmp_path / "rank_weights.py", tmp_path / "kept"
+    script.write_text(RANK_WEIGHTS)
+    kept.mkdir()
+    done = torchrun(_cli_args("train-classifier", settings), program=(str(script), str(kept)))
     assert done.returncode == 0, done.stderr[-3000:]
     layout = layout_for(load_params(overrides=settings))
     assert sorted(p.name for p in layout.classifier_checkpoints.iterdir()) == ["epoch_0001", "epoch_0002", "work-key.txt"]
@@ -167,6 +212,27 @@ def test_ddp_training_shares_the_data_and_writes_one_classifier(tmp_path):
     assert json.loads((layout.classifier_checkpoints / "epoch_0002" / "state.json").read_text())["steps_per_epoch"] == 2
     model, config = load_classifier(layout.classifier)
     assert config["epochs"] == 2 and model(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+
+    # After every epoch both ranks hold the same classifier AND energy head, bit for bit (DDP
+    # averages the classifier's gradients, distributed.average_gradients the head's). BatchNorm's
+    # running statistics are per rank (docs/scaling.md): parameters only.
+    for epoch in (1, 2):
+        weights = [load_file(str(kept / f"rank{r}-epoch{epoch}.safetensors")) for r in (0, 1)]
+        assert weights[0].keys() == weights[1].keys() and {"head/raw_weight", "head/bias"} <= weights[0].keys()
+        differing = [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])]
+        assert differing == [], f"epoch {epoch}: the ranks' weights diverged in {differing}"
+    assert float(weights[0]["head/raw_weight"]) != 1.0  # the head trained (it starts at w = 1)
+    # ... though they trained on different shards: their own losses, their own head gradients,
+    # which unaveraged would have moved the heads apart.
+    stats = [json.loads((kept / f"rank{r}-epoch2.json").read_text()) for r in (0, 1)]
+    assert stats[0]["train/loss"] != stats[1]["train/loss"]
+    local = [load_file(str(kept / f"rank{r}-local-head-gradient.safetensors")) for r in (0, 1)]
+    assert all(not torch.equal(local[0][k], local[1][k]) for k in local[0])
+    # What rank 0 saved is what every rank holds.
+    saved = model.state_dict()
+    assert all(torch.equal(saved[k.removeprefix("model/")], v) for k, v in weights[0].items() if k.startswith("model/"))
+    checkpoint = load_file(str(layout.classifier_checkpoints / "epoch_0002" / "state.safetensors"))
+    assert all(torch.equal(checkpoint[k], v) for k, v in weights[1].items() if k.startswith("head/"))
 
 
 @pytest.mark.slow  # a whole tiny pipeline on two torchrun processes: ~1-2 min
