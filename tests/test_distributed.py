@@ -235,16 +235,36 @@ def test_ddp_training_shares_the_data_and_writes_one_classifier(tmp_path):
     assert all(torch.equal(checkpoint[k], v) for k, v in weights[1].items() if k.startswith("head/"))
 
 
-@pytest.mark.slow  # a whole tiny pipeline on two torchrun processes: ~1-2 min
-def test_a_whole_ncis_run_under_torchrun_writes_every_output_once(tmp_path):
+# What `ncis run` writes up to synthesize: one process's bits whatever the number of ranks
+# (docs/scaling.md: sharded embed and synthesize equal one process; the other stages run on rank 0).
+# train-classifier is DDP (a batch per rank: another schedule), so it and evaluate are not compared.
+UP_TO_SYNTHESIZE = ("prepare", "embed", "train-cvpn", "sample", "synthesize")
+ONE_PROCESS_OUTPUTS = ("data/", "diffusion/", "embed/", "cvpn/", "sample/", "synthesize/")
+
+
+@pytest.mark.slow  # a whole tiny pipeline on two torchrun processes, and its first stages in one: ~25 s
+def test_a_whole_ncis_run_under_torchrun_writes_every_output_once(tmp_path, monkeypatch):
     import json
 
     from conftest import TINY_PIPELINE
 
-    settings = [f"outputs={tmp_path}", "device=cpu", *TINY_PIPELINE, "cvpn.hidden=16", "classifier.max_outliers=100"]
-    done = torchrun(_cli_args("run", settings), timeout=900)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    settings = ["device=cpu", *TINY_PIPELINE, "cvpn.hidden=16", "classifier.max_outliers=100",
+                # Work for both ranks: 6 embed chunks, 8 synthesize batches (at the defaults rank 0 does it all).
+                "embed.chunk_size=10", "embed.batch_size=5", "synthesize.batch_size=4"]
+    done = torchrun(_cli_args("run", [f"outputs={sharded}", *settings]), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    layout = layout_for(load_params(overrides=settings))
+    for stage in UP_TO_SYNTHESIZE:
+        assert _one_process(_cli_args(stage, [f"outputs={single}", *settings])) == 0
+    # Byte for byte, but the embed chunks' work key, which names each run's own image folder.
+    expected, found = ({k: v for k, v in _files(root).items() if k.startswith(ONE_PROCESS_OUTPUTS)} for root in (single, sharded))
+    assert expected.pop("embed/chunks/work-key.txt") != found.pop("embed/chunks/work-key.txt")
+    assert found.keys() == expected.keys() and len(expected) > 100  # the images of every folder, the models, the arrays
+    differing = [k for k in expected if found[k] != expected[k]]
+    assert differing == [], f"not what one process writes: {differing}"
+
+    layout = layout_for(load_params(overrides=[f"outputs={sharded}"]))
     metrics = json.loads(layout.metrics.read_text())
     assert list(metrics["ood"]) == ["letters", "rotated", "flipped", "overlaid", "photos", "textures", "noise"]
     assert 0 <= metrics["id_accuracy"] <= 1 and 0 <= metrics["average"]["auroc"] <= 1
@@ -253,6 +273,6 @@ def test_a_whole_ncis_run_under_torchrun_writes_every_output_once(tmp_path):
     # Resume state that a finished stage deletes is gone; no rank left a temporary or the lock.
     for state in (layout.diffusion_checkpoints, layout.cvpn_checkpoints, layout.synthesize_batches):
         assert not state.exists(), state
-    assert not [p for p in tmp_path.rglob("*") if ".ncis-tmp-" in p.name or p.name == ".ncis.lock"]
+    assert not [p for p in sharded.rglob("*") if ".ncis-tmp-" in p.name or p.name == ".ncis.lock"]
     # Every stage ran once: rank 0 alone prints a stage's closing line.
     assert done.stdout.count("synthesize: ") >= 1 and done.stdout.count("embeddings of dimension") == 1, done.stdout[-2000:]
