@@ -441,6 +441,29 @@ def test_compare_formats_and_errors_through_the_cli(three_pipelines, capsys):
         assert err.startswith("ncis: error: ") and message in err and "\n" not in err
 
 
+def test_compare_all_lists_every_run_of_a_parameter_set_the_default_only_its_latest(fake_stages, tmp_path, monkeypatch, capsys):
+    """`ncis compare --all`, through the CLI, on a local SQLite store (no server): two finished
+    pipelines of the same parameters (only `outputs` differs) are one row by default, two with --all."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "digits-compare-all")
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    MlflowClient().create_experiment("digits-compare-all", artifact_location=(tmp_path / "artifacts").as_uri())
+    _, knobs = fake_stages
+    for outputs, auroc in (("first", 0.6), ("second", 0.7)):
+        knobs["report"] = {**REPORT, "average": {**REPORT["average"], "auroc": auroc}}
+        pipeline.run_pipeline(make_params(tmp_path / outputs, "seed=7"), f"run-{outputs}")
+    capsys.readouterr()
+
+    def compared(*flags: str) -> list[tuple[str, str]]:
+        assert main(["compare", "--format", "csv", *flags]) == 0
+        return [(row["name"], row["auroc/average"]) for row in csv.DictReader(io.StringIO(capsys.readouterr().out))]
+
+    assert compared() == [("run-second", "0.7000")]  # the latest of the parameter set
+    assert compared("--all") == [("run-second", "0.7000"), ("run-first", "0.6000")]
+
+
 @pytest.mark.slow
 def test_compare_without_pipelines_says_what_to_run(experiment):
     MlflowClient().create_experiment(experiment)
