@@ -213,6 +213,14 @@ class EvaluateParams(Section):
     odin_temperature: float = Field(gt=0, description="odin: softmax temperature")
     odin_epsilon: float = Field(ge=0, description="odin: input perturbation size")
     knn_k: int = Field(ge=1, description="knn: neighbour whose distance is the score")
+    protocol: Literal["paper", "openood_v1.5"] = Field(
+        description="paper: the benchmark's own OOD sets, metrics.json; openood_v1.5 (cifar100 only): OpenOOD v1.5's "
+        "image lists, preprocessing and metric conventions, all images, metrics_openood_v1.5.json and openood_v1.5.csv "
+        "(docs/reproducing.md)"
+    )
+    openood_root: str | None = Field(
+        None, description="openood_v1.5: the folder OpenOOD's download script filled (benchmark_imglist/, images_classic/)"
+    )
 
     @field_validator("score")
     @classmethod
@@ -257,6 +265,18 @@ class Params(Section):
         missing = [key for key in get_benchmark(self.benchmark).needs if flat.get(key) is None]
         if missing:
             raise UserError(f"{missing[0]}: required by the {self.benchmark} benchmark; set it in the params file")
+        return self
+
+    @model_validator(mode="after")
+    def _protocol_fits_benchmark(self):
+        if self.evaluate.protocol == "openood_v1.5":
+            if self.benchmark != "cifar100":
+                raise UserError(
+                    f"evaluate.protocol=openood_v1.5 covers benchmark cifar100 only, not {self.benchmark}; "
+                    "set evaluate.protocol=paper (ImageNet-200: docs/reproducing.md)"
+                )
+            if not self.evaluate.openood_root:
+                raise UserError("evaluate.openood_root: required by evaluate.protocol=openood_v1.5; set it to OpenOOD's data folder")
         return self
 
     @model_validator(mode="after")
