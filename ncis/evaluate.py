@@ -5,6 +5,9 @@ same numbers to MLflow, prints a table and draws score histograms and ROC curves
 with validation OOD sets (digits) also gets them scored against the same ID test images, in
 metrics.json's "validation" block and MLflow's `<metric>/val_<set>`: the numbers to choose
 settings on, so that the test sets are only ever reported.
+
+Under `evaluate.protocol: openood_v1.5` it scores OpenOOD v1.5's CIFAR-100 lists instead (ncis/openood.py)
+and writes metrics_openood_v1.5.json and openood_v1.5.csv, leaving metrics.json and the plots alone.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from matplotlib.figure import Figure  # the object API needs no pyplot and no GU
 from sklearn.metrics import roc_curve
 from torch.utils.data import Subset
 
-from ncis import tracking
+from ncis import openood, tracking
 from ncis.classifiers import eval_transform, load_classifier, make_loader, open_images
 from ncis.datasets import get_benchmark
 from ncis.errors import UserError
@@ -134,6 +137,42 @@ def write_plots(folder: Path, score: str, id_scores: np.ndarray, ood_scores: dic
         figure.savefig(tmp / "roc.png", dpi=100)
 
 
+def _main_openood(params, layout, model, device) -> dict:
+    """OpenOOD v1.5's CIFAR-100 benchmark: its lists, every image of each (no ood_fraction), its metrics."""
+    settings = params.evaluate
+    root = Path(settings.openood_root)
+    scorer = make_scorer(settings)
+    # 1. Every list and every image it names must exist before the (possibly long) scoring starts.
+    names = [openood.ID_TEST, *(name for _, name in openood.OOD_SETS.values()), openood.ID_VAL, *openood.VALIDATION_OOD.values()]
+    if scorer.needs_fit:  # fitted on OpenOOD's ID training list, as its postprocessors' setup (evaluator.py:124)
+        names.insert(0, openood.ID_TRAIN)
+    lists = {name: openood.ImageList(root, name, openood.transform()) for name in names}
+
+    def scores(name: str) -> dict[str, np.ndarray]:
+        result = score_loader(model, scorer, make_loader(lists[name], settings.batch_size, device), device)
+        if not np.isfinite(result["scores"]).all():
+            raise UserError(f"the classifier gives non-finite scores on {lists[name].list}; retrain it (lower classifier.lr)")
+        return result
+
+    # 2. Fit the scorer if it needs it, then score the test lists and the validation pair.
+    if scorer.needs_fit:
+        scorer.fit(model, make_loader(lists[openood.ID_TRAIN], settings.batch_size, device), device)
+    id_result = scores(openood.ID_TEST)
+    ood_scores = {name: scores(file)["scores"] for name, (_, file) in openood.OOD_SETS.items()}
+    validation = {"id": scores(openood.ID_VAL)["scores"], "ood": {name: scores(file)["scores"] for name, file in openood.VALIDATION_OOD.items()}}
+    sizes = {name.removesuffix(".txt"): len(images) for name, images in lists.items()}
+
+    # 3. Report: JSON, OpenOOD's CSV, MLflow (names prefixed, so no paper-protocol metric changes meaning).
+    report = openood.build_report(settings.score, accuracy(id_result["logits"], id_result["labels"]), id_result["scores"], ood_scores, sizes, validation)
+    write_json(layout.openood_metrics, report)
+    openood.write_csv(layout.openood_csv, report)
+    tracking.log_summary({f"{openood.NAME}/{name}": value for name, value in tracking.evaluation_metrics(report).items()})
+    print(openood.format_table(report))
+    tracking.log_artifact(layout.openood_metrics)
+    tracking.log_artifact(layout.openood_csv)
+    return report
+
+
 def main(params) -> dict:
     layout = layout_for(params)
     benchmark = get_benchmark(params.benchmark)
@@ -144,6 +183,9 @@ def main(params) -> dict:
     model, config = load_classifier(layout.classifier)
     _check_compatible(config, benchmark, layout.classifier)
     model.to(device).eval()
+    tracking.set_tags({"protocol": settings.protocol})  # one run per protocol, told apart in the MLflow UI
+    if settings.protocol == openood.NAME:
+        return _main_openood(params, layout, model, device)
     transform = eval_transform(benchmark)
     # Check every input exists before the (possibly long) scoring starts.
     folders = {"ID test": layout.id_test, **{name: layout.ood(name) for name in benchmark.ood_sets}}

@@ -114,6 +114,16 @@ class Layout:
     def plots(self) -> Path:
         return self.root / "plots"
 
+    # evaluate under evaluate.protocol=openood_v1.5 (metrics.json and plots stay the paper protocol's)
+    @property
+    def openood_metrics(self) -> Path:
+        return self.root / "metrics_openood_v1.5.json"
+
+    @property
+    def openood_csv(self) -> Path:
+        """The table in the layout of OpenOOD's `scripts/eval_ood.py --save-csv`."""
+        return self.root / "openood_v1.5.csv"
+
 
 def layout_for(params) -> Layout:
     return Layout(Path(params.outputs))
