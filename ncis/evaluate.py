@@ -144,7 +144,7 @@ def _main_openood(params, layout, model, device) -> dict:
     scorer = make_scorer(settings)
     # 1. Every list and every image it names must exist before the (possibly long) scoring starts.
     names = [openood.ID_TEST, *(name for _, name in openood.OOD_SETS.values()), openood.ID_VAL, *openood.VALIDATION_OOD.values()]
-    if scorer.needs_fit:  # fitted on OpenOOD's ID training list, as its postprocessors' setup (evaluator.py:124)
+    if scorer.needs_fit:  # fitted on OpenOOD's ID training list, as its postprocessors' setup (OpenOOD evaluator.py:126)
         names.insert(0, openood.ID_TRAIN)
     lists = {name: openood.ImageList(root, name, openood.transform()) for name in names}
 

@@ -2,7 +2,7 @@
 
 Citations are to Jingkang50/OpenOOD@3c35632 (read, not copied):
 
-- lists and folders: openood/evaluation_api/datasets.py:85-141 (DATA_INFO['cifar100']), the same as
+- lists and folders: openood/evaluation_api/datasets.py:85-143 (DATA_INFO['cifar100']), the same as
   configs/datasets/cifar100/cifar100.yml and cifar100_ood.yml: every path in a list is relative to
   `<root>/images_classic/`, every list lives in `<root>/benchmark_imglist/cifar100/`;
 - the list format: openood/datasets/imglist_dataset.py:59-93, one "<relative path> <extra>" per line,
@@ -11,7 +11,7 @@ Citations are to Jingkang50/OpenOOD@3c35632 (read, not copied):
   shorter side to 32, centre crop 32, then OpenOOD's CIFAR-100 mean/std. ncis models normalise
   their input themselves (ncis/classifiers.py Classifier), so the images stop at [0, 1] here and
   each classifier applies the mean/std it was trained with;
-- metrics: openood/evaluators/metrics.py:40-63, where OOD is the positive class (see `metrics`);
+- metrics: openood/evaluators/metrics.py:40-61, where OOD is the positive class (see `metrics`);
 - the table: openood/evaluation_api/evaluator.py:296-317 and scripts/eval_ood.py:201-219.
 """
 
@@ -33,7 +33,7 @@ from ncis.io import atomic_path, read_image
 
 NAME = "openood_v1.5"
 LIST_DIR = "benchmark_imglist/cifar100"
-IMAGE_DIR = "images_classic"  # every cifar100 list's data_dir (datasets.py:85-141)
+IMAGE_DIR = "images_classic"  # every cifar100 list's data_dir (datasets.py:85-143)
 IMAGE_SIZE = 32  # pre_size and img_size of preprocessor.py:13-17
 
 ID_TRAIN, ID_VAL, ID_TEST = "train_cifar100.txt", "val_cifar100.txt", "test_cifar100.txt"
@@ -47,7 +47,7 @@ OOD_SETS = {
     "places365": ("far", "test_places365.txt"),
 }
 # OpenOOD's OOD validation split (cifar100_ood.yml `val`), scored against its ID validation list:
-# the pair OpenOOD tunes postprocessor settings on (evaluator.py hyperparam_search).
+# the pair OpenOOD tunes postprocessor settings on (evaluator.py:384-408, hyperparam_search).
 VALIDATION_OOD = {"tin": "val_tin.txt"}
 GROUP_ROWS = {"near": "nearood", "far": "farood"}
 CSV_COLUMNS = ("FPR@95", "AUROC", "AUPR_IN", "AUPR_OUT", "ACC")
@@ -89,7 +89,7 @@ def read_list(path: Path) -> list[tuple[str, int]]:
         except (ValueError, SyntaxError):
             raise UserError(f"{where}: expected '<path> <label>', got {line.strip()!r}; fetch the lists again") from None
         if isinstance(value, dict):
-            label = 0  # imglist_dataset.py:87-90 sets label 0 after reading a dict's keys
+            label = 0  # imglist_dataset.py:86-93 sets label 0 after reading a dict's keys
         elif isinstance(value, int) and not isinstance(value, bool):
             label = value
         else:
@@ -141,7 +141,7 @@ class ImageList(Dataset):
     def __getitem__(self, index: int):
         image, label = self.entries[index]
         with _truncated_images_allowed():
-            picture = read_image(self.folder / image, "RGB")  # imglist_dataset.py:82: convert('RGB')
+            picture = read_image(self.folder / image, "RGB")  # imglist_dataset.py:83: convert('RGB')
         return (self.transform(picture) if self.transform else picture), label
 
 
@@ -149,7 +149,7 @@ class ImageList(Dataset):
 
 
 def metrics(id_scores, ood_scores) -> dict[str, float]:
-    """OpenOOD's four numbers (metrics.py:40-63), higher score = more ID, as fractions.
+    """OpenOOD's four numbers (metrics.py:40-61), higher score = more ID, as fractions.
 
     OOD is the positive class: fpr95 is the fraction of ID images flagged as OOD at the first
     threshold that flags at least 95% of the OOD images (ncis.metrics.fpr_at_tpr, the paper's,
