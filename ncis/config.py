@@ -219,7 +219,7 @@ class EvaluateParams(Section):
         "(docs/reproducing.md)"
     )
     openood_root: str | None = Field(
-        None, description="openood_v1.5: the folder OpenOOD's download script filled (benchmark_imglist/, images_classic/)"
+        None, description="cifar100, for protocol openood_v1.5: the folder OpenOOD's download script filled (benchmark_imglist/, images_classic/)"
     )
 
     @field_validator("score")
@@ -269,14 +269,11 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _protocol_fits_benchmark(self):
-        if self.evaluate.protocol == "openood_v1.5":
-            if self.benchmark != "cifar100":
-                raise UserError(
-                    f"evaluate.protocol=openood_v1.5 covers benchmark cifar100 only, not {self.benchmark}; "
-                    "set evaluate.protocol=paper (ImageNet-200: docs/reproducing.md)"
-                )
-            if not self.evaluate.openood_root:
-                raise UserError("evaluate.openood_root: required by evaluate.protocol=openood_v1.5; set it to OpenOOD's data folder")
+        if self.evaluate.protocol == "openood_v1.5" and self.benchmark != "cifar100":
+            raise UserError(
+                f"evaluate.protocol=openood_v1.5 covers benchmark cifar100 only, not {self.benchmark}; "
+                "set evaluate.protocol=paper (ImageNet-200: docs/reproducing.md)"
+            )
         return self
 
     @model_validator(mode="after")
