@@ -5,6 +5,7 @@ by a tiny untrained classifier; metrics recomputed here by hand, OpenOOD's CSV, 
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,8 @@ from ncis.errors import UserError
 from ncis.io import save_weights
 from ncis.layout import layout_for
 
-CIFAR = "configs/cifar100.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = str(ROOT / "configs" / "cifar100.yaml")
 SIZES = {"train_cifar100": 10, "test_cifar100": 8, "val_cifar100": 5, "val_tin": 5}  # every OOD test list: 6
 ROWS = ["cifar10", "tin", "nearood", "mnist", "svhn", "texture", "places365", "farood"]
 
@@ -215,3 +217,24 @@ def test_openood_is_refused_for_other_benchmarks(params_file):
     with pytest.raises(UserError, match="covers benchmark cifar100 only") as err:
         load_params(params_file, ["evaluate.protocol=openood_v1.5"])
     assert "\n" not in str(err.value)
+
+
+def test_the_mlflow_run_carries_its_protocol_and_prefixed_names(tmp_path, monkeypatch):
+    """A local SQLite store (no server): the evaluate run is named after the protocol, tagged and
+    parameterised with it, and holds only openood_v1.5/ metrics and the two files."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "cifar100-openood")
+    monkeypatch.chdir(tmp_path)  # the store's artifacts go to ./mlruns
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    _, overrides, _, _ = tiny_setup(tmp_path)
+    assert cli(["evaluate", "--params", CIFAR, *(f"--set={o}" for o in overrides if o != "tracking.enabled=false")]) == 0
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("cifar100-openood").experiment_id])
+    assert "evaluate.protocol=openood_v1.5" in run.info.run_name and run.info.run_name.endswith("/evaluate")
+    assert run.data.tags["protocol"] == "openood_v1.5" and run.data.params["evaluate.protocol"] == "openood_v1.5"
+    assert "openood_v1.5/auroc/cifar10" in run.data.metrics and "openood_v1.5/id_accuracy" in run.data.metrics
+    assert all(name.startswith("openood_v1.5/") for name in run.data.metrics)
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics_openood_v1.5.json", "openood_v1.5.csv"}
