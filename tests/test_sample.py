@@ -81,6 +81,29 @@ def test_shapes_class_order_and_determinism(method, trained):
     assert own.mean() > spread
 
 
+def test_cvpn_outliers_are_the_inverse_of_low_density_draws_in_the_cvpn_space(trained):
+    """NCIS's sampling, recomputed class by class from the trained cVPN: forward the class's
+    embeddings, keep the least likely Gaussian draws there, map them back with the inverse."""
+    embeddings, labels, _ = clustered()
+    config = small_config(method="cvpn")
+    drawn = sample_outliers(embeddings, labels, NUM_CLASSES, config, generator=torch.Generator().manual_seed(0), model=trained)
+    generator = torch.Generator().manual_seed(0)  # one stream, consumed in class order
+    with torch.no_grad():
+        for c in range(NUM_CLASSES):
+            space = trained(torch.as_tensor(embeddings[labels == c]), c)
+            selection = gaussian_low_density(space, candidates=60, keep=4, rounds=3, reg=1e-4, generator=generator)
+            expected = trained.inverse(selection.kept.float(), c)
+            np.testing.assert_allclose(drawn["outliers"][c], expected.numpy(), rtol=0, atol=1e-6)
+            np.testing.assert_allclose(drawn["scores"][c], selection.kept_scores.flatten().float().numpy(), rtol=0, atol=1e-6)
+            # and back: the outliers map forward onto the kept draws (the inverse of this class, not another's)
+            forward = trained(torch.as_tensor(drawn["outliers"][c]), c).double()
+            torch.testing.assert_close(forward, selection.kept, rtol=0, atol=1e-4)
+    # The cVPN's space is not the raw one: the linear method, same seed and inputs, keeps other points.
+    linear = sample_outliers(embeddings, labels, NUM_CLASSES, small_config(method="linear"), generator=torch.Generator().manual_seed(0))
+    distance = np.linalg.norm(drawn["outliers"] - linear["outliers"], axis=-1)
+    assert distance.min() > 1e-3, "a cVPN outlier equals the linear method's"
+
+
 def stage_params(tmp_path, *extra):
     return load_params(
         overrides=[
