@@ -276,3 +276,32 @@ def test_a_whole_ncis_run_under_torchrun_writes_every_output_once(tmp_path, monk
     assert not [p for p in sharded.rglob("*") if ".ncis-tmp-" in p.name or p.name == ".ncis.lock"]
     # Every stage ran once: rank 0 alone prints a stage's closing line.
     assert done.stdout.count("synthesize: ") >= 1 and done.stdout.count("embeddings of dimension") == 1, done.stdout[-2000:]
+
+
+def _sd_synthesize_inputs(outputs: Path, model: Path) -> list[str]:
+    """CIFAR-100 on the tiny Stable Diffusion: one outlier and one control image per class, rendered
+    in latent space and decoded by the VAE at the model's 64 pixels (saved unresized)."""
+    settings = _settings(
+        outputs, model, "benchmark=cifar100", f"data.root={outputs / 'datasets'}", f"evaluate.openood_root={outputs / 'openood'}", "synthesize.steps=2",
+        "synthesize.batch_size=7", "synthesize.control_per_class=1", "synthesize.save_size=64", "synthesize.preview_per_class=1",
+    )  # fmt: skip
+    layout = layout_for(load_params(overrides=settings))
+    rng = np.random.default_rng(0)
+    labels = np.arange(200) % 100
+    write_image_folder(layout.id_train, rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8), labels)
+    save_arrays(layout.embeddings, embeddings=rng.normal(size=(200, 32)).astype(np.float32), labels=labels)
+    save_arrays(layout.outliers, outliers=rng.normal(size=(100, 1, 32)).astype(np.float32), labels=np.arange(100))
+    return settings
+
+
+@pytest.mark.slow  # two torchrun processes: ~30 s
+def test_sharded_synthesize_through_a_vae_writes_the_single_process_images(tmp_path, tiny_sd_dir, monkeypatch):
+    from ncis.diffusion import load_pipeline
+
+    assert load_pipeline(tiny_sd_dir).vae is not None  # latents decoded by the VAE, as Stable Diffusion's
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    single_layout, sharded_layout = _single_and_sharded("synthesize", _sd_synthesize_inputs, tmp_path, tiny_sd_dir)
+    images = _files(single_layout.synthetic_images)
+    assert len(images) == 100
+    assert _files(sharded_layout.synthetic_images) == images
+    assert _files(sharded_layout.synth_dir) == _files(single_layout.synth_dir)  # preview and diagnostics (control pool) too
