@@ -1,4 +1,5 @@
-"""`ncis` console script: one subcommand per pipeline stage, plus `run` (all of them).
+"""`ncis` console script: one subcommand per pipeline stage, plus `run` (all of them) and
+`import-classifier` (the paper's released classifiers; ncis/import_classifier.py).
 
 A thin layer: parse arguments, load and validate params once, call the stage's `main`.
 """
@@ -41,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<stage>", required=True)
     for name, (_, help_text) in STAGES.items():
         _add_common(sub.add_parser(name, help=help_text, description=help_text))
+    imported = sub.add_parser(
+        "import-classifier",
+        help="the paper's released classifier checkpoint as this benchmark's classifier (then `ncis evaluate`)",
+        description="Convert one of the paper's released ResNet-34 checkpoints (a .pt state dict) into the classifier "
+        "folder under outputs, with the paper's input normalisation; not a pipeline stage (docs/reproducing.md).",
+    )
+    imported.add_argument("checkpoint", metavar="CHECKPOINT", help="the .pt file (read with torch.load(weights_only=True))")
+    _add_common(imported)
     run = sub.add_parser("run", help="run every stage in order", description="run every stage in order")
     _add_common(run)
     run.add_argument(
@@ -119,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         with distributed.session(params.device, params.process_group_timeout_minutes), distributed.held_by_main(lambda: exclusive_outputs(params.outputs, command=command)):
             if args.command == "run":
                 run_pipeline(params, run_name, args.first_stage)
+            elif args.command == "import-classifier":
+                from ncis import import_classifier
+
+                import_classifier.run(params, args.checkpoint, args.run_name)
             else:
                 run_stage(args.command, params, run_name)
         return 0
