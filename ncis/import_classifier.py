@@ -109,7 +109,8 @@ def convert(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], p
                 + (" (the number of classes differs)" if target.startswith("fc.") else "")
             )
         converted[target] = value
-    missing = [key for key in expected if key not in converted and key not in ("mean", "std")]
+    # BatchNorm's step counter does not enter an eval-mode forward; files from older PyTorch lack it.
+    missing = [key for key in expected if key not in converted and key not in ("mean", "std") and not key.endswith(".num_batches_tracked")]
     if missing:
         raise UserError(f"{path}: missing key for {missing[0]!r} ({len(missing)} missing): not a whole ResNet_Model('resnet34') state dict")
     return converted
@@ -133,7 +134,7 @@ def main(params, checkpoint: str | Path) -> dict:
     mean, std = PAPER_NORMALISATION[params.benchmark]
     model = build_classifier(ARCH, benchmark.num_classes, benchmark.channels, mean, std)
     weights = convert(state, model.state_dict(), checkpoint)
-    model.load_state_dict({**weights, "mean": model.mean, "std": model.std})
+    model.load_state_dict(model.state_dict() | weights)  # keeps the normalisation buffers (and any absent BN counter)
 
     # 3. Write the classifier folder (atomically: an existing one is replaced only now) and log it.
     config = {

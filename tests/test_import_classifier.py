@@ -204,13 +204,17 @@ def test_wrong_files_are_refused_in_one_line_and_keep_the_previous_classifier(ci
     assert not [p.name for p in outputs.iterdir() if p.name.startswith(".classifier")]  # no temporaries left
 
 
-def test_energy_head_weights_are_noted_and_left_out(cifar_checkpoint, tmp_path, capsys):
+def test_energy_head_weights_are_noted_and_left_out_and_bn_counters_may_be_absent(cifar_checkpoint, tmp_path, capsys):
     model, _ = cifar_checkpoint
     head = {"logistic_regression.0.weight": torch.ones(2, 1), "logistic_regression.0.bias": torch.zeros(2)}
-    checkpoint = _edited(model.state_dict(), tmp_path / "with_head.pt", add=head)
+    # Files from PyTorch before 0.4.1 have no num_batches_tracked; an eval-mode forward never reads it.
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    checkpoint = _edited(state, tmp_path / "with_head.pt", add=head)
     assert cli(import_args(checkpoint, "cifar100", tmp_path / "outputs", "--no-tracking")) == 0
     assert "logistic_regression.0.weight" in capsys.readouterr().out
     assert json.loads((tmp_path / "outputs" / "classifier" / "config.json").read_text())["energy_head"] is None
+    imported, _ = load_classifier(tmp_path / "outputs" / "classifier")
+    assert torch.equal(imported.fc.weight, model.fc.weight)
 
 
 # ---------------------------------------------------------------- then evaluate, and MLflow
