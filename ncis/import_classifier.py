@@ -67,7 +67,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # The restricted unpickler names the first callable it refused to call.
-        refused = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+        refused = re.search(r"GLOBAL ([\w.]+)", str(err))
         if refused:
             raise UserError(
                 f"{path} asks to call {refused.group(1)} when loaded (a pickle that could run code), not only to build "
