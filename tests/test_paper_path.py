@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from recompute import assert_metrics_recompute
 
+from ncis.config import load_params
 from ncis.datasets import image_folder
 from ncis.diffusion import load_pipeline, resolution
 from ncis.errors import UserError
@@ -167,6 +169,8 @@ def test_the_configs_hub_id_loads_offline_from_the_hf_cache(tiny_sd_dir, tiny_sd
 # --- `ncis run` with the paper's configs on fake raw data --------------------------------------
 
 PER_CLASS = 3  # training images per class
+OOD_PER_FOLDER = 25  # more than evaluate scores of each (0.2 x 100 ID test images): the seeded subset is drawn
+EVALUATE_BATCH = 64
 
 
 def _tiny_run(tmp_path, model_dir, data_root, params_file, *more) -> list[str]:
@@ -178,7 +182,7 @@ def _tiny_run(tmp_path, model_dir, data_root, params_file, *more) -> list[str]:
         "synthesize.steps=2", "synthesize.batch_size=50", "synthesize.images_per_class=4",
         "synthesize.control_per_class=1", "synthesize.preview_per_class=1",
         "classifier.arch=small_cnn", "classifier.epochs=1", "classifier.batch_size=64", "classifier.outlier_batch_size=64",
-        "evaluate.batch_size=64", *more,
+        f"evaluate.batch_size={EVALUATE_BATCH}", *more,
     ]  # fmt: skip
     args = ["run", "--no-tracking", "--params", str(ROOT / params_file)]
     for override in overrides:
@@ -211,14 +215,21 @@ def _check_every_boundary(outputs: Path, benchmark: str, image_size: int, ood_se
     assert (outputs / "classifier").is_dir()
     metrics = json.loads((outputs / "metrics.json").read_text())
     assert metrics["benchmark"] == benchmark and set(metrics["ood"]) == ood_sets
-    assert all(0 <= metrics["average"][k] <= 1 for k in ("fpr95", "auroc"))
+    # Every number recomputed from the saved classifier and data, the seeded OOD subset included
+    # (the config's ood_fraction 0.2 of 100 ID test images: 20 of each folder's OOD_PER_FOLDER).
+    params = load_params(ROOT / "configs" / f"{benchmark}.yaml")
+    assert_metrics_recompute(outputs, metrics, benchmark, EVALUATE_BATCH, params.evaluate.ood_fraction, params.seed)
 
 
-def _ood_folders(root: Path, folders: list[str], rng) -> None:
+def _ood_folders(root: Path, folders: list[str], rng, like: tuple[tuple[int, int], str]) -> None:
+    """One odd image, the rest noise of the ID images' raw size and format (`like`): the classifier
+    cannot tell them apart, so which images evaluate scores changes every metric."""
+    size, suffix = like
     for folder in folders:
         (root / folder / "nested").mkdir(parents=True)
         Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(root / folder / "a.jpg")
-        Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(root / folder / "nested" / "b.png")
+        for n in range(OOD_PER_FOLDER - 1):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / folder / "nested" / f"b{n}{suffix}")
 
 
 def fake_cifar100(root: Path) -> None:
@@ -240,7 +251,7 @@ def fake_cifar100(root: Path) -> None:
     (root / "svhn").mkdir()
     svhn = {"X": rng.integers(0, 256, (32, 32, 3, 4), dtype=np.uint8), "y": np.array([[1], [2], [10], [3]])}
     scipy.io.savemat(root / "svhn" / "test_32x32.mat", svhn)
-    _ood_folders(root, list(OOD_FOLDERS.values()), rng)
+    _ood_folders(root, list(OOD_FOLDERS.values()), rng, ((32, 32), ".png"))
 
 
 def fake_imagenet100(root: Path) -> None:
@@ -253,7 +264,7 @@ def fake_imagenet100(root: Path) -> None:
             (root / "imagenet" / split / wnid).mkdir(parents=True)
             for n in range(count):
                 Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(root / "imagenet" / split / wnid / f"{n}.JPEG")
-    _ood_folders(root, list(OOD_FOLDERS.values()), rng)
+    _ood_folders(root, list(OOD_FOLDERS.values()), rng, ((30, 40), ".JPEG"))
 
 
 @pytest.mark.slow
