@@ -210,8 +210,15 @@ TINY_SD_UNET_SIDE = 8  # latent side; images are 8x larger (the VAE has four lev
 TINY_SD_VAE_SCALING = 0.5  # not SD's 0.18215: a hard-coded factor would show
 
 
+# Words the tiny tokenizer splits, as SD's CLIP BPE splits rare words (docs/paper-fidelity.md:
+# `cockroach` = co|ck|roach, `agama` = ag|ama): token names whose FIRST token is the one inverted
+# and swapped, and a prompt word ahead of the swapped token (`aquarium` fish), which moves it.
+TINY_SD_SPLIT_WORDS = ("cockroach", "agama", "aquarium")
+
+
 def _tiny_clip_tokenizer(words: list[str], folder: Path, max_length: int):
-    """A CLIP BPE tokenizer whose merges, learned by `tokenizers` on `words`, make each word one token."""
+    """A CLIP BPE tokenizer whose merges, learned by `tokenizers` on `words`, make each word one
+    token, except TINY_SD_SPLIT_WORDS: their last merge is left out, so each is two tokens."""
     import json
 
     from tokenizers import Tokenizer, models, trainers
@@ -227,9 +234,13 @@ def _tiny_clip_tokenizer(words: list[str], folder: Path, max_length: int):
     folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in learned["merges"]]
+    whole = {word + "</w>" for word in TINY_SD_SPLIT_WORDS}
+    merges = [merge for merge in merges if merge.replace(" ", "") not in whole]
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length, pad_token=EOS)
-    assert all(len(tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in words)
+    lengths = {w: len(tokenizer(w, add_special_tokens=False).input_ids) for w in words}
+    assert {w for w, n in lengths.items() if n != 1} == set(TINY_SD_SPLIT_WORDS) & set(words)
+    assert all(lengths[w] == 2 for w in TINY_SD_SPLIT_WORDS if w in lengths)
     return tokenizer
 
 

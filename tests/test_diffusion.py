@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -25,6 +27,7 @@ from ncis.tiny_diffusion import build_tokenizer, prompt_words
 from conftest import TINY_MODEL
 
 CLASS_NAMES = list(get_benchmark("digits").class_names)
+ROOT = Path(__file__).parents[1]
 
 
 def test_tokenizer_makes_every_prompt_word_one_token(tmp_path):
@@ -68,6 +71,52 @@ def test_class_token_positions_point_at_the_class_name(untrained_pipeline_dir):
             assert row[position].item() == pipe.tokenizer(name, add_special_tokens=False).input_ids[0]
     with pytest.raises(UserError, match="no '\\{\\}'"):
         tokenize_prompts(pipe, "no placeholder", CLASS_NAMES)
+
+
+def _first_token_position(tokenizer, prompt: str, prefix: str, word: str) -> int:
+    """Where `word` starts in the tokenized prompt, counted by hand: 1 (start token) + the tokens of
+    the text before its first whole-word occurrence after the template's prefix."""
+    import re
+
+    start = re.compile(rf"(?<![a-z]){re.escape(word)}(?![a-z])").search(prompt.lower(), len(prefix)).start()
+    return 1 + len(tokenizer(prompt[:start], add_special_tokens=False).input_ids)
+
+
+@pytest.mark.parametrize("benchmark", ["cifar100", "imagenet100"])
+def test_a_class_word_of_several_tokens_is_inverted_and_swapped_at_its_first_token(tiny_sd_dir, benchmark):
+    from conftest import TINY_SD_SPLIT_WORDS
+
+    pipe = load_pipeline(tiny_sd_dir)
+    tokenizer, names = pipe.tokenizer, get_benchmark(benchmark)
+    params = load_params(ROOT / "configs" / f"{benchmark}.yaml")
+    split = {w: tokenizer(w, add_special_tokens=False).input_ids for w in TINY_SD_SPLIT_WORDS}
+    assert all(len(ids) == 2 for ids in split.values())  # as SD's `cockroach` = co|ck|roach
+    # embed writes the token names, synthesize the prompt names and swaps the token names' token.
+    for template, words in ((params.embed.prompt, names.token_names), (params.synthesize.prompt, names.prompt_names)):
+        ids, positions = tokenize_prompts(pipe, template, list(words), list(names.token_names))
+        prefix = template.split("{}")[0]
+        for row, position, word, token in zip(ids.tolist(), positions.tolist(), words, names.token_names):
+            prompt = template.format(word)
+            first = tokenizer(token, add_special_tokens=False).input_ids
+            assert position == _first_token_position(tokenizer, prompt, prefix, token.split()[0]), prompt
+            assert row[position : position + len(first)] == first, prompt  # its first token, then the rest
+    # The split words are there: a split token name, and a split word ahead of the token ('aquarium' fish).
+    assert {"cockroach", "agama"} & set(names.token_names)
+    if benchmark == "cifar100":
+        assert "aquarium fish" in names.prompt_names and "fish" in names.token_names
+
+
+def test_a_class_token_the_prompt_cannot_hold_is_a_one_line_error_naming_the_fix(tiny_sd_dir):
+    pipe = load_pipeline(tiny_sd_dir)
+    long = "An image of " + "a " * pipe.tokenizer.model_max_length + "{}"  # truncated before the class name
+    with pytest.raises(UserError, match=r"class token of 'cockroach' not found in the tokenized prompt .*; shorten the prompt$") as error:
+        tokenize_prompts(pipe, long, ["cockroach"])
+    assert "\n" not in str(error.value)
+    # A prompt that holds the first token only (the second is cut for the end token) is found, not refused.
+    last = pipe.tokenizer.model_max_length - 2  # the last place before the end token
+    ids, positions = tokenize_prompts(pipe, "An image of " + "a " * (last - 4) + "{}", ["cockroach"])
+    first, _ = pipe.tokenizer("cockroach", add_special_tokens=False).input_ids
+    assert positions.tolist() == [last] and ids[0, last:].tolist() == [first, pipe.tokenizer.eos_token_id]
 
 
 def test_token_substitution_changes_only_its_row_and_carries_gradients(untrained_pipeline_dir):
