@@ -144,6 +144,20 @@ def build_classifier(
     return Classifier(backbone, feature_dim, num_classes, mean, std)
 
 
+def folder_config(arch: str, benchmark: Benchmark, mean: Sequence[float], std: Sequence[float]) -> dict:
+    """What a classifier folder's config.json says of its model: enough to rebuild it and to check
+    it fits a benchmark (train-classifier and import-classifier add their own keys)."""
+    return {
+        "arch": arch,
+        "benchmark": benchmark.name,
+        "num_classes": benchmark.num_classes,
+        "channels": benchmark.channels,
+        "image_size": benchmark.image_size,
+        "mean": list(mean),
+        "std": list(std),
+    }
+
+
 def load_classifier(folder: str | Path) -> tuple[Classifier, dict]:
     """The classifier `train-classifier` saved (on the CPU, in eval mode) and its config."""
     folder = Path(folder)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ncis import tracking
-from ncis.classifiers import build_classifier
+from ncis.classifiers import build_classifier, folder_config
 from ncis.datasets import get_benchmark
 from ncis.errors import UserError
 from ncis.io import save_weights
@@ -138,13 +138,7 @@ def main(params, checkpoint: str | Path) -> dict:
 
     # 3. Write the classifier folder (atomically: an existing one is replaced only now) and log it.
     config = {
-        "arch": ARCH,
-        "benchmark": params.benchmark,
-        "num_classes": benchmark.num_classes,
-        "channels": benchmark.channels,
-        "image_size": benchmark.image_size,
-        "mean": mean,
-        "std": std,
+        **folder_config(ARCH, benchmark, mean, std),
         # The released files hold no energy head (see the module docstring); nothing downstream reads it.
         "energy_head": None,
         "source": {"file": checkpoint.name, "sha256": digest, "code": "LarsDoorenbos/NCIS@42fb174 scripts/resnet.py ResNet_Model('resnet34')"},

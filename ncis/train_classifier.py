@@ -37,6 +37,7 @@ from ncis.classifiers import (
     Classifier,
     build_classifier,
     eval_transform,
+    folder_config,
     make_loader,
     open_images,
     outlier_transform,
@@ -457,13 +458,7 @@ def train(params, settings, device: torch.device, output: Path, checkpoint_folde
     if not distributed.is_main():
         return {}
     config = {
-        "arch": settings.arch,
-        "benchmark": params.benchmark,
-        "num_classes": benchmark.num_classes,
-        "channels": benchmark.channels,
-        "image_size": benchmark.image_size,
-        "mean": mean,
-        "std": std,
+        **folder_config(settings.arch, benchmark, mean, std),
         "outliers": settings.outliers,
         "energy_head": None if outliers is None else head_config(head, settings),
         "epochs": settings.epochs,
