@@ -32,6 +32,9 @@ class Section(BaseModel):
 # No field below has a default: every value lives in params.yaml (digits) or configs/*.yaml
 # (the paper's benchmarks), so no experiment silently runs on a value its file does not show.
 # `None` marks a key that only some benchmarks use; `Benchmark.needs` names the ones each requires.
+# Likewise for the evaluation protocols: the keys each requires (the paper protocol none), so a
+# CIFAR-100 run that never evaluates under OpenOOD needs no OpenOOD folder.
+PROTOCOL_NEEDS = {"openood_v1.5": ("evaluate.openood_root",)}
 
 
 class DataParams(Section):
@@ -219,7 +222,7 @@ class EvaluateParams(Section):
         "(docs/reproducing.md)"
     )
     openood_root: str | None = Field(
-        None, description="cifar100, for protocol openood_v1.5: the folder OpenOOD's download script filled (benchmark_imglist/, images_classic/)"
+        None, description="protocol openood_v1.5 (cifar100): the folder OpenOOD's download script filled (benchmark_imglist/, images_classic/)"
     )
 
     @field_validator("score")
@@ -274,6 +277,9 @@ class Params(Section):
                 f"evaluate.protocol=openood_v1.5 covers benchmark cifar100 only, not {self.benchmark}; "
                 "set evaluate.protocol=paper (ImageNet-200: docs/reproducing.md)"
             )
+        missing = [key for key in PROTOCOL_NEEDS.get(self.evaluate.protocol, ()) if self.flat().get(key) is None]
+        if missing:
+            raise UserError(f"{missing[0]}: required by evaluate.protocol={self.evaluate.protocol}; set it in the params file")
         return self
 
     @model_validator(mode="after")

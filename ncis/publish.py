@@ -129,12 +129,13 @@ def require_up_to_date(root: Path) -> None:
 
 def resolve_remote(root: Path, remote: str | None) -> tuple[str, str]:
     """(name, url) of `remote`, or of the default remote; URLs as DVC resolves them (absolute paths)."""
-    urls, default = {}, None
-    for line in dvc(root, "remote", "list").splitlines():  # "name  url  [(default)]"
-        fields = line.split()
-        if len(fields) >= 2:
-            urls[fields[0]] = fields[1]
-            default = fields[0] if fields[-1] == "(default)" else default
+    # DVC's own config (project, local and user files merged), not `dvc remote list`'s table, which
+    # wraps a long URL onto the next line at the terminal's width.
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        urls = {name: str(section["url"]) for name, section in repo.config["remote"].items()}
+        default = repo.config["core"].get("remote")
     name = remote or default
     if name not in urls:
         known = ", ".join(sorted(urls)) or "none"

@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel
 
 from ncis.cli import main
-from ncis.config import Params, load_params
+from ncis.config import PROTOCOL_NEEDS, Params, load_params
 from ncis.datasets import BENCHMARKS, get_benchmark
 from ncis.errors import UserError
 
@@ -41,10 +41,11 @@ def _fields(model, prefix=""):
 def test_the_code_states_no_value_only_types_bounds_and_descriptions():
     load_params(ROOT / "params.yaml")  # registers the benchmarks
     optional = {key for benchmark in BENCHMARKS.values() for key in benchmark.needs}
+    optional |= {key for keys in PROTOCOL_NEEDS.values() for key in keys}
     for key, field in _fields(Params):
         if field.is_required():
             continue
-        # The one default allowed: None for a key that only some benchmarks use and require.
+        # The one default allowed: None for a key that only some benchmarks (or protocols) use and require.
         assert field.default is None and key in optional, f"{key} has a default in config.py"
     assert all(field.description for _, field in _fields(Params)), "every key is documented"
 

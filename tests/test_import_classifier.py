@@ -259,3 +259,22 @@ def test_the_import_is_an_mlflow_run_tagged_with_the_checkpoint(cifar_checkpoint
     assert run.data.tags["checkpoint_file"] == "cifar100_released.pt"
     assert run.data.tags["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert {a.path for a in client.list_artifacts(run.info.run_id, "classifier")} == {"classifier/config.json", "classifier/model.safetensors"}
+
+
+def test_an_imported_classifier_is_evaluated_under_openood_too(cifar_checkpoint, tmp_path):
+    """The released CIFAR-100 model on OpenOOD v1.5's lists (fake, in its layout): ID accuracy as the
+    reference model scores the same images with OpenOOD's preprocessing, written out in the test."""
+    from test_openood import by_hand, write_openood
+
+    model, checkpoint = cifar_checkpoint
+    outputs, root = tmp_path / "outputs", tmp_path / "openood"
+    assert cli(import_args(checkpoint, "cifar100", outputs, "--no-tracking")) == 0
+    images = write_openood(root)
+    protocol = ["--set", "evaluate.protocol=openood_v1.5", "--set", f"evaluate.openood_root={root}", "--set", "evaluate.batch_size=16"]
+    assert cli(["evaluate", "--no-tracking", "--params", str(CONFIGS["cifar100"]), "--set", f"outputs={outputs}", *protocol]) == 0
+    report = json.loads((outputs / "metrics_openood_v1.5.json").read_text())
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALISATION["cifar100"])
+    _, logits = by_hand(lambda pixels: model((pixels - mean) / std), images["test_cifar100"])
+    labels = np.arange(len(images["test_cifar100"])) % 10  # write_openood's labels
+    assert report["id_accuracy"] == pytest.approx(float(np.mean(logits.argmax(1) == labels)))
+    assert (outputs / "openood_v1.5.csv").exists() and not (outputs / "metrics.json").exists()

@@ -20,6 +20,7 @@ import yaml
 from configobj import ConfigObj
 from safetensors import safe_open
 
+from ncis.pipeline import STAGES
 from ncis.publish import published_stages
 from test_dvc import Repo, _env, ran_stages
 
@@ -247,7 +248,7 @@ def test_publish_pushes_every_output_to_another_remote(pulled, tmp_path):
     remote = tmp_path / "second"
     pulled.dvc("remote", "add", "--local", "second", str(remote))  # a user's own remote: .dvc/config untouched
     output = pulled.run("ncis", "publish", "--remote", "second")
-    assert "holds every output of prepare, embed, train-cvpn, sample, synthesize, train-classifier, evaluate" in output
+    assert f"holds every output of {', '.join(STAGES)}" in output
     assert "in sync" in pulled.dvc("status", "--cloud", "--remote", "second")
     assert held_objects(remote) == held_objects(pulled.path / "dvc-store")
     assert not pulled.git("status", "--porcelain").strip(), "publishing to another remote changed tracked files"

@@ -189,7 +189,7 @@ CIFAR100 = register(
         image_size=IMAGE_SIZE,
         channels=3,
         ood_sets={"svhn": "far", "places365": "far", "lsun": "far", "isun": "far", "textures": "far"},
-        needs=("data.root", "evaluate.openood_root"),  # the latter for evaluate.protocol=openood_v1.5 (ncis/openood.py)
+        needs=("data.root",),
         prepare_data=prepare_data,
         token_names=TOKEN_NAMES,
         prompt_names=PROMPT_NAMES,
