@@ -59,9 +59,12 @@ def _scores(model, scorer, folder: Path, transform, batch_size: int, device, wha
     images = open_images(folder, transform, "prepare")
     if subset is not None:
         images = Subset(images, subset.tolist())
-    result = score_loader(model, scorer, make_loader(images, batch_size, device), device)
+    return _finite(score_loader(model, scorer, make_loader(images, batch_size, device), device), f"{what} ({folder})")
+
+
+def _finite(result: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
     if not np.isfinite(result["scores"]).all():
-        raise UserError(f"the classifier gives non-finite scores on {what} ({folder}); retrain it (lower classifier.lr)")
+        raise UserError(f"the classifier gives non-finite scores on {what}; retrain it (lower classifier.lr)")
     return result
 
 
@@ -149,10 +152,7 @@ def _main_openood(params, layout, model, device) -> dict:
     lists = {name: openood.ImageList(root, name, openood.transform()) for name in names}
 
     def scores(name: str) -> dict[str, np.ndarray]:
-        result = score_loader(model, scorer, make_loader(lists[name], settings.batch_size, device), device)
-        if not np.isfinite(result["scores"]).all():
-            raise UserError(f"the classifier gives non-finite scores on {lists[name].list}; retrain it (lower classifier.lr)")
-        return result
+        return _finite(score_loader(model, scorer, make_loader(lists[name], settings.batch_size, device), device), str(lists[name].list))
 
     # 2. Fit the scorer if it needs it, then score the test lists and the validation pair.
     if scorer.needs_fit:

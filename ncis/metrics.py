@@ -14,7 +14,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 METRIC_NAMES = ("fpr95", "auroc", "aupr_in", "aupr_out")
 
 
-def _check(id_scores, ood_scores) -> tuple[np.ndarray, np.ndarray]:
+def checked_scores(id_scores, ood_scores) -> tuple[np.ndarray, np.ndarray]:
     id_scores = np.asarray(id_scores, dtype=np.float64).ravel()
     ood_scores = np.asarray(ood_scores, dtype=np.float64).ravel()
     if id_scores.size == 0 or ood_scores.size == 0:
@@ -39,7 +39,7 @@ def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95) -> float:
     """
     if not 0 < tpr <= 1:
         raise ValueError(f"tpr must be in (0, 1], got {tpr}")
-    id_scores, ood_scores = _check(id_scores, ood_scores)
+    id_scores, ood_scores = checked_scores(id_scores, ood_scores)
     # The small tolerance keeps 0.95 * 20 = 19 (not 20) under floating-point error.
     needed = max(1, math.ceil(tpr * id_scores.size - 1e-9))
     threshold = np.sort(id_scores)[::-1][needed - 1]
@@ -47,19 +47,19 @@ def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95) -> float:
 
 
 def auroc(id_scores, ood_scores) -> float:
-    labels, scores = _labels_and_scores(*_check(id_scores, ood_scores))
+    labels, scores = _labels_and_scores(*checked_scores(id_scores, ood_scores))
     return float(roc_auc_score(labels, scores))
 
 
 def aupr_in(id_scores, ood_scores) -> float:
     """Average precision with ID as the positive class."""
-    labels, scores = _labels_and_scores(*_check(id_scores, ood_scores))
+    labels, scores = _labels_and_scores(*checked_scores(id_scores, ood_scores))
     return float(average_precision_score(labels, scores))
 
 
 def aupr_out(id_scores, ood_scores) -> float:
     """Average precision with OOD as the positive class (scores negated: lower = more OOD)."""
-    labels, scores = _labels_and_scores(*_check(id_scores, ood_scores))
+    labels, scores = _labels_and_scores(*checked_scores(id_scores, ood_scores))
     return float(average_precision_score(1 - labels, -scores))
 
 

@@ -30,6 +30,7 @@ from torchvision.transforms import InterpolationMode
 
 from ncis.errors import UserError
 from ncis.io import atomic_path, read_image
+from ncis.metrics import METRIC_NAMES, average, checked_scores
 
 NAME = "openood_v1.5"
 LIST_DIR = "benchmark_imglist/cifar100"
@@ -156,10 +157,7 @@ def metrics(id_scores, ood_scores) -> dict[str, float]:
     counts OOD images kept at 95% of ID kept); AUPR-In and AUPR-Out are trapezoidal areas under
     precision-recall curves (sklearn's `auc`), not average precision. AUROC is the same either way.
     """
-    id_scores = np.asarray(id_scores, dtype=np.float64).ravel()
-    ood_scores = np.asarray(ood_scores, dtype=np.float64).ravel()
-    if not (np.isfinite(id_scores).all() and np.isfinite(ood_scores).all()):
-        raise ValueError("OOD metrics got non-finite scores (NaN or inf)")
+    id_scores, ood_scores = checked_scores(id_scores, ood_scores)
     conf = np.concatenate([id_scores, ood_scores])
     ood = np.concatenate([np.zeros(id_scores.size), np.ones(ood_scores.size)])
     fpr, tpr, _ = skm.roc_curve(ood, -conf)
@@ -173,12 +171,6 @@ def metrics(id_scores, ood_scores) -> dict[str, float]:
     }
 
 
-def mean(entries) -> dict[str, float]:
-    """Unweighted mean over sets, as evaluator.py:366-367 averages a group."""
-    entries = list(entries)
-    return {key: float(np.mean([e[key] for e in entries])) for key in ("fpr95", "auroc", "aupr_in", "aupr_out")}
-
-
 def build_report(score: str, id_accuracy: float, id_scores, ood_scores: dict, sizes: dict, validation: dict | None = None) -> dict:
     """The content of metrics_openood_v1.5.json (docs/contract.md)."""
     ood = {name: {"group": OOD_SETS[name][0], **metrics(id_scores, scores)} for name, scores in ood_scores.items()}
@@ -188,7 +180,8 @@ def build_report(score: str, id_accuracy: float, id_scores, ood_scores: dict, si
         "score": score,
         "id_accuracy": id_accuracy,
         "ood": ood,
-        "groups": {group: mean(e for e in ood.values() if e["group"] == group) for group in GROUP_ROWS},
+        # unweighted over sets, as OpenOOD averages a group (evaluator.py:366-367)
+        "groups": {group: average(e for e in ood.values() if e["group"] == group) for group in GROUP_ROWS},
         "images": sizes,
     }
     if validation:
@@ -206,7 +199,7 @@ def table_rows(report: dict) -> list[tuple[str, list[float]]]:
     for group, label in GROUP_ROWS.items():
         named = [(name, entry) for name, entry in report["ood"].items() if entry["group"] == group]
         for name, entry in [*named, (label, report["groups"][group])]:
-            rows.append((name, [100 * entry[key] for key in ("fpr95", "auroc", "aupr_in", "aupr_out")] + [accuracy]))
+            rows.append((name, [100 * entry[key] for key in METRIC_NAMES] + [accuracy]))
     return rows
 
 

@@ -159,11 +159,7 @@ class NoiseImages(Dataset):
         return image, 0
 
 
-def outlier_dataset(params, layout, benchmark) -> Dataset | None:
-    return outlier_images(params.classifier, params.seed, layout, benchmark)
-
-
-def outlier_images(settings, seed: int, layout, benchmark) -> Dataset | None:
+def outlier_dataset(settings, seed: int, layout, benchmark) -> Dataset | None:
     """The outlier images `settings` (a classifier section) asks for; None for outliers=none."""
     if settings.outliers == "none":
         return None
@@ -335,11 +331,7 @@ def read_init(folder: Path, settings, benchmark, layout) -> tuple[dict[str, torc
     return weights, config
 
 
-def build_model(params, layout, benchmark, device) -> tuple[Classifier, list[float], list[float]]:
-    return model_for(params.classifier, params.seed, layout, benchmark, device)
-
-
-def model_for(settings, seed: int, layout, benchmark, device) -> tuple[Classifier, list[float], list[float]]:
+def build_model(settings, seed: int, layout, benchmark, device) -> tuple[Classifier, list[float], list[float]]:
     """The classifier to train: from `settings.init` if set, else new, normalised with the ID training set's stats."""
     init = init_folder(settings.init, layout) if settings.init else None
     if init:
@@ -369,8 +361,8 @@ def train(params, settings, device: torch.device, output: Path, checkpoint_folde
     originals = settings.augment == "resized_crop" and benchmark.keeps_originals
     id_folder = layout.id_train_originals if originals else layout.id_train
     id_train = open_images(id_folder, train_transform(benchmark, settings.augment), "prepare")
-    outliers = outlier_images(settings, params.seed, layout, benchmark)
-    model, mean, std = model_for(settings, params.seed, layout, benchmark, device)
+    outliers = outlier_dataset(settings, params.seed, layout, benchmark)
+    model, mean, std = build_model(settings, params.seed, layout, benchmark, device)
     head = build_energy_head(settings).to(device)
 
     # 2. Optimiser, loaders, schedule

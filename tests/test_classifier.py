@@ -319,7 +319,7 @@ def test_max_outliers_caps_the_outlier_set_with_a_seeded_subset(tmp_path):
 
     def chosen(max_outliers, seed=0):
         params = load_params(overrides=[f"outputs={tmp_path}", f"seed={seed}", f"classifier.max_outliers={max_outliers}"])
-        dataset = outlier_dataset(params, layout_for(params), get_benchmark("digits"))
+        dataset = outlier_dataset(params.classifier, params.seed, layout_for(params), get_benchmark("digits"))
         return list(dataset.indices) if hasattr(dataset, "indices") else list(range(len(dataset)))
 
     assert len(chosen(5)) == 5 and len(set(chosen(5))) == 5
@@ -362,7 +362,7 @@ def test_init_starts_from_a_saved_classifier_and_refuses_mismatches(tmp_path, lo
 
     make_tiny_data(tmp_path / "ft")
     params = tiny_params(tmp_path / "ft", epochs=2, init=str(init), energy_weight=1.0, lr_min=0.01)
-    model, mean, std = build_model(params, layout_for(params), get_benchmark("digits"), torch.device("cpu"))
+    model, mean, std = build_model(params.classifier, params.seed, layout_for(params), get_benchmark("digits"), torch.device("cpu"))
     reference, _ = load_classifier(init)
     images = torch.rand(4, 1, 8, 8)
     with torch.no_grad():
