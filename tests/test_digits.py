@@ -25,6 +25,8 @@ import demo  # noqa: E402
 OOD_SIZE = 60
 BENCHMARK = get_benchmark("digits")
 NEAR_DIGIT_SETS = ("rotated", "flipped", "overlaid")
+SHAPE_SETS = tuple(name for name, group in BENCHMARK.ood_sets.items() if group != "stats")  # told apart by shape alone
+STATS_SETS = tuple(name for name, group in BENCHMARK.ood_sets.items() if group == "stats")  # by a global statistic
 
 
 def prepare(outputs: Path, *overrides: str):
@@ -90,11 +92,12 @@ def test_digits_train_and_test_share_no_image(digits):
 # --- the OOD sets: layout --------------------------------------------------------------------
 
 
-def test_digits_has_near_and_far_test_sets_and_the_same_validation_sets(digits):
+def test_digits_has_near_far_and_stats_test_sets_and_the_same_validation_sets(digits):
     _, layout, _, _, ood, val = digits
     assert BENCHMARK.ood_sets == {
         "letters": "near", "rotated": "near", "flipped": "near", "overlaid": "near",
         "photos": "far", "textures": "far", "noise": "far",
+        "flat": "stats", "faint": "stats", "bright": "stats", "inverted": "stats", "static": "stats",
     }
     assert BENCHMARK.validation_ood_sets == BENCHMARK.ood_sets
     for images, folder in [*((ood[n], layout.ood(n)) for n in ood), *((val[n], layout.ood_val(n)) for n in val)]:
@@ -103,7 +106,7 @@ def test_digits_has_near_and_far_test_sets_and_the_same_validation_sets(digits):
     assert layout.ood_val("noise") == layout.data / "ood_val" / "noise"
 
 
-# --- the OOD sets: nothing but shape tells them from the digits ----------------------------------
+# --- the near and far sets: nothing but shape tells them from the digits ---------------------------
 
 
 def intensity_features(images: np.ndarray) -> np.ndarray:
@@ -133,17 +136,18 @@ def training_histograms(digits) -> set[bytes]:
 def test_every_ood_image_has_exactly_the_pixel_values_of_a_training_digit(digits, split):
     histograms = training_histograms(digits)
     sets = digits[4] if split == "test" else digits[5]
-    for name, images in sets.items():
-        found = [np.sort(image.ravel()).tobytes() in histograms for image in levels(images)]
+    for name in SHAPE_SETS:
+        found = [np.sort(image.ravel()).tobytes() in histograms for image in levels(sets[name])]
         assert all(found), f"{split} {name}: {found.count(False)} images with a histogram no training digit has"
+    assert not any(np.sort(image.ravel()).tobytes() in histograms for name in STATS_SETS for image in levels(sets[name]))
 
 
 @pytest.mark.parametrize("split", ["test", "validation"])
 def test_intensity_statistics_do_not_tell_any_ood_set_from_the_digits(digits, split):
     _, _, (train_x, _), (test_x, _), ood, val = digits
     train, test = levels(train_x), levels(test_x)
-    for name, images in (ood if split == "test" else val).items():
-        images = levels(images)
+    for name in SHAPE_SETS:
+        images = levels((ood if split == "test" else val)[name])
         # Mean ink, global contrast and local contrast, each within a fraction of the ID's spread.
         for statistic in (lambda x: x.mean((1, 2)), lambda x: x.std((1, 2)), digits_module.local_contrast):
             assert abs(statistic(images).mean() - statistic(test).mean()) < 0.5 * statistic(test).std(), name
@@ -179,7 +183,7 @@ def test_matching_keeps_the_shape_and_takes_the_reference_values():
     assert digits_module.local_contrast(smooth) < digits_module.local_contrast(digits_module.match_histogram(busy, digit, rng))
 
 
-@pytest.mark.parametrize("name", list(BENCHMARK.ood_sets))
+@pytest.mark.parametrize("name", SHAPE_SETS)
 def test_each_ood_set_is_told_apart_from_id_by_its_shapes(digits, name):
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
@@ -201,6 +205,61 @@ def test_digits_letters_are_styled_like_the_digits(digits):
     _, _, _, _, ood, _ = digits
     letters = ood["letters"].astype(np.float64)
     assert letters[:, :, [0, -1]].mean() < 0.3 * letters.mean()  # outer columns are background
+
+
+# --- the stats sets: a global statistic tells them from the digits -------------------------------
+
+
+@pytest.mark.parametrize("split", ["test", "validation"])
+def test_every_stats_image_lies_outside_the_training_digits_envelope_and_no_id_digit_does(digits, split):
+    _, _, (train_x, _), (test_x, _), ood, val = digits
+    envelope = digits_module.digit_envelope(levels(train_x))
+    assert envelope.brightest_low >= 12 and envelope.mean_low > 2 and envelope.mean_high < 8  # what digits are
+    for name in STATS_SETS:
+        assert digits_module.differs_globally(levels((ood if split == "test" else val)[name]), envelope).all(), name
+    assert not digits_module.differs_globally(levels(train_x), envelope).any()
+    assert digits_module.differs_globally(levels(test_x), envelope).mean() < 0.02  # unseen digits: a few lighter ones
+
+
+@pytest.mark.parametrize("split", ["test", "validation"])
+def test_stats_sets_have_the_pixel_statistics_they_are_designed_to_have(digits, split):
+    _, _, _, _, ood, val = digits
+    sets = {name: levels((ood if split == "test" else val)[name]) for name in STATS_SETS}
+    settings = TEST if split == "test" else VALIDATION
+    low, high = sets["flat"].min((1, 2)), sets["flat"].max((1, 2))
+    constant = low == high
+    assert 0.2 < constant.mean() < 0.8 and set(low[constant]) <= set(settings.flat_levels)  # constant images and ramps
+    assert (digits_module.local_contrast(sets["flat"][~constant]) <= 16 / 7 + 0.5).all()  # ramps: no steeper than 0 to 16 across
+    faint = sets["faint"]
+    assert (faint.max((1, 2)) - faint.min((1, 2)) <= 9).all() and faint.min((1, 2)).max() > 4  # low contrast, some on grey
+    bright = sets["bright"]
+    assert (bright.min((1, 2)) >= 4).all() and (bright.max((1, 2)) == 16).all()  # ink at full level on a light ground
+    assert sets["inverted"].mean() > 16 - 6.8  # digits are dark; negatives light
+    static = sets["static"]
+    assert (static.max((1, 2)) - static.min((1, 2)) <= 13).all()
+    blocks = lambda x, g: (x == np.kron(x[:, ::g, ::g], np.ones((1, g, g), np.int64))).all((1, 2))  # noqa: E731
+    if split == "validation":
+        assert blocks(static, 2).all()  # its one grain
+    else:
+        assert 0.2 < blocks(static, 4).mean() < 0.8 and not blocks(static[~blocks(static, 4)], 2).any()  # grains 1 and 4
+
+
+def test_a_detector_of_global_statistics_alone_tells_every_stats_set_from_the_digits(digits):
+    """The stats sets are what the near and far sets are not: the intensity detector above
+    (pixel histogram and local contrast) tells each of them apart, in both splits."""
+    _, _, (train_x, _), (test_x, _), ood, val = digits
+    for sets in (ood, val):
+        for name in STATS_SETS:
+            assert intensity_auroc(levels(train_x), levels(test_x), levels(sets[name])) > 0.95, name
+
+
+def test_inverted_digits_are_negatives_of_their_own_splits_digits(digits):
+    pools = id_digits(digits)
+    envelope = digits_module.digit_envelope(pools["train"][0])
+    for split in (TEST, VALIDATION):
+        pool = {image.tobytes() for image in pools[split.digits][0]}
+        images = digits_module.make_inverted(np.random.default_rng(0), 40, split, pools[split.digits], envelope)
+        assert all((16 - image).tobytes() in pool for image in images)
 
 
 # --- near sets made from digits --------------------------------------------------------------
@@ -260,6 +319,7 @@ def test_validation_and_test_sets_share_no_image_and_no_source(digits):
     assert not set(TEST.letters) & set(VALIDATION.letters) and set(TEST.letters) | set(VALIDATION.letters) == set(LETTERS)
     assert not set(TEST.photos) & set(VALIDATION.photos)
     assert not set(TEST.textures) & set(VALIDATION.textures)
+    assert not set(TEST.flat_levels) & set(VALIDATION.flat_levels) and not set(TEST.noise_grains) & set(VALIDATION.noise_grains)
     assert TEST.digits != VALIDATION.digits and TEST.name != VALIDATION.name  # digits and random streams
 
 

@@ -28,7 +28,7 @@ class Benchmark:
     class_names: tuple[str, ...]
     image_size: int
     channels: int
-    ood_sets: dict[str, str]  # name -> group ("near" | "far")
+    ood_sets: dict[str, str]  # name -> group ("near" | "far" | "stats": differs only in global pixel statistics)
     prepare_data: Callable  # (params, layout) -> None
     # Where the diffusion model comes from when `diffusion.model` is empty:
     # "tiny" = the model `prepare` trains, else a hub id / path.

@@ -18,12 +18,24 @@ follows as much as it follows shape (docs/digits-study.md). What makes each set 
 - far: `photos`, patches of bundled photographs; `textures`, procedural patterns; `noise`,
   pixel noise, some of it blurred.
 
+A third group, `stats`, is the opposite: sets told apart from the digits by nothing but a global
+pixel statistic (how bright, how much contrast, which polarity), so that a detector whose
+outliers taught it a statistic of the digits is caught (docs/digits-study.md, "Blind spots"). Their
+images keep their own pixel values; each one lies outside the training digits' envelope
+(`differs_globally`: every digit has a 0 pixel, a brightest pixel of at least 14 and a mean ink
+level between the lowest and the highest training digit's):
+
+- stats: `flat`, constant images or gentle ramps; `faint`, digits at 10-50% contrast on a dark
+  or grey ground; `bright`, digits washed out on a bright ground; `inverted`, light digits on a
+  white ground; `static`, noise of other grains and intensities than the `noise` set's.
+
 Every set exists twice, from disjoint sources: the test sets under `Layout.ood`, which
 `evaluate` reports, and the validation sets under `Layout.ood_val`, on which every default is
 chosen (docs/digits-study.md). Test sets transform ID *test* digits, use half the letters, the
-scikit-learn photographs and three texture kinds; validation sets transform *training*
-digits, use the other letters, matplotlib's photograph and three other texture kinds; every
-set draws from its own random stream.
+scikit-learn photographs, three texture kinds, the even levels for flat images and noise grains
+of 1 and 4 pixels; validation sets transform *training* digits, use the other letters,
+matplotlib's photograph, three other texture kinds, the odd levels and a noise grain of 2 pixels;
+every set draws from its own random stream.
 """
 
 from __future__ import annotations
@@ -71,7 +83,9 @@ class OodSplit:
     letters: str
     photos: tuple[str, ...]  # keys of PHOTO_FILES
     textures: tuple[str, ...]  # keys of TEXTURES
-    digits: str  # "test" | "train": the ID split whose digits the near sets transform
+    digits: str  # "test" | "train": the ID split whose digits the near and stats sets transform
+    flat_levels: tuple[int, ...]  # the levels (0..16) of `flat` images
+    noise_grains: tuple[int, ...]  # the side in pixels of one `static` noise value
 
 
 # --- writing the benchmark ----------------------------------------------------------------
@@ -100,6 +114,10 @@ def make_ood_set(name: str, split: OodSplit, seed: int, count: int, id_digits: d
     `id_digits`: {"train": (levels [N, 8, 8], labels), "test": ...}, levels 0..16.
     """
     rng = _rng(seed, f"{split.name}/{name}")
+    if name in STATISTICS_GENERATORS:  # their own pixel values: what tells them apart is a global statistic
+        envelope = digit_envelope(id_digits["train"][0])
+        levels = STATISTICS_GENERATORS[name](rng, count, split, id_digits[split.digits], envelope)
+        return _levels_to_uint8(levels)[..., None]
     shapes = OOD_GENERATORS[name](rng, count, split, id_digits[split.digits])
     references = id_digits["train"][0]
     match = match_histogram if name in OWN_LOCAL_CONTRAST else match_local_contrast
@@ -261,6 +279,108 @@ OOD_GENERATORS = {
 }
 
 
+# --- global-statistics sets: (rng, count, split, (digit levels, labels), envelope) -> int levels [count, 8, 8]
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The global pixel statistics every training digit shares (levels 0..16)."""
+
+    mean_low: float  # the lowest mean ink level of a training digit
+    mean_high: float  # the highest
+    brightest_low: int  # the lowest brightest pixel of a training digit (every digit also has a 0 pixel)
+
+
+def digit_envelope(levels: np.ndarray) -> Envelope:
+    levels = np.asarray(levels)
+    means = levels.mean((-2, -1))
+    return Envelope(float(means.min()), float(means.max()), int(levels.max((-2, -1)).min()))
+
+
+def differs_globally(levels: np.ndarray, envelope: Envelope) -> np.ndarray:
+    """Per image [..., 8, 8]: outside the digits' envelope, so a global statistic alone tells it apart:
+    no pixel at 0, or no pixel as bright as every digit's brightest, or a mean ink level outside theirs."""
+    levels = np.asarray(levels)
+    means = levels.mean((-2, -1))
+    return (levels.min((-2, -1)) > 0) | (levels.max((-2, -1)) < envelope.brightest_low) | (means < envelope.mean_low) | (means > envelope.mean_high)
+
+
+def _until_outside(draw, rng, count: int, envelope: Envelope) -> np.ndarray:
+    """`count` images of `draw(rng)`, each redrawn until it lies outside the envelope."""
+    images = []
+    while len(images) < count:
+        image = np.clip(np.round(draw(rng)), 0, LEVELS).astype(np.int64)
+        if differs_globally(image, envelope):
+            images.append(image)
+    return np.stack(images)
+
+
+def make_flat(rng, count, split, digits, envelope) -> np.ndarray:
+    """Constant images, or ramps between two of the split's levels across the image in any direction."""
+    y, x = np.mgrid[0:8, 0:8] / 7.0
+
+    def draw(rng):
+        first, second = rng.choice(split.flat_levels, size=2)
+        if rng.random() < 0.5:
+            return np.full((8, 8), float(first))
+        theta = rng.uniform(0, 2 * np.pi)
+        along = x * np.cos(theta) + y * np.sin(theta)
+        along = (along - along.min()) / (np.ptp(along) or 1.0)
+        return first + (second - first) * along
+
+    return _until_outside(draw, rng, count, envelope)
+
+
+def _digit_drawer(digits, transform):
+    images, _ = digits
+    return lambda rng: transform(rng, images[rng.integers(len(images))].astype(np.float64))
+
+
+def make_faint(rng, count, split, digits, envelope) -> np.ndarray:
+    """Digits at 10-50% of their contrast, on a ground anywhere from black to the grey that keeps them in range."""
+
+    def faint(rng, digit):
+        contrast = rng.uniform(0.1, 0.5)
+        return rng.uniform(0, LEVELS * (1 - contrast)) + contrast * digit
+
+    return _until_outside(_digit_drawer(digits, faint), rng, count, envelope)
+
+
+def make_bright(rng, count, split, digits, envelope) -> np.ndarray:
+    """Digits washed out: full-contrast ink on a ground of level 4-12, what overexposure does."""
+
+    def bright(rng, digit):
+        ground = rng.uniform(4, 12)
+        return ground + (LEVELS - ground) * digit / LEVELS
+
+    return _until_outside(_digit_drawer(digits, bright), rng, count, envelope)
+
+
+def make_inverted(rng, count, split, digits, envelope) -> np.ndarray:
+    """Digits in negative: dark strokes on a white ground."""
+    return _until_outside(_digit_drawer(digits, lambda rng, digit: LEVELS - digit), rng, count, envelope)
+
+
+def make_static(rng, count, split, digits, envelope) -> np.ndarray:
+    """Uniform noise of one of the split's grains, about a mean level of 0-16, at most 6 levels either way."""
+
+    def draw(rng):
+        grain = int(rng.choice(split.noise_grains))
+        cells = rng.uniform(-1, 1, (8 // grain, 8 // grain)) * rng.uniform(0.5, 6)
+        return rng.uniform(0, LEVELS) + np.kron(cells, np.ones((grain, grain)))
+
+    return _until_outside(draw, rng, count, envelope)
+
+
+STATISTICS_GENERATORS = {
+    "flat": make_flat,
+    "faint": make_faint,
+    "bright": make_bright,
+    "inverted": make_inverted,
+    "static": make_static,
+}
+
+
 # --- textures: (rng, x, y) -> float [32, 32] on the bitmap grid ------------------------------
 
 
@@ -319,8 +439,14 @@ TEXTURES = {"grating": _grating, "checkerboard": _checkerboard, "blobs": _blobs,
 # Files of bundled photographs: scikit-learn's two sample images and matplotlib's sample photo.
 PHOTO_FILES = {"china": "sklearn:china.jpg", "flower": "sklearn:flower.jpg", "grace_hopper": "matplotlib:grace_hopper.jpg"}
 
-TEST = OodSplit("test", LETTERS[0::2], ("china", "flower"), ("grating", "checkerboard", "blobs"), digits="test")
-VALIDATION = OodSplit("validation", LETTERS[1::2], ("grace_hopper",), ("rings", "plaid", "zigzag"), digits="train")
+TEST = OodSplit(
+    "test", LETTERS[0::2], ("china", "flower"), ("grating", "checkerboard", "blobs"), digits="test",
+    flat_levels=tuple(range(0, LEVELS + 1, 2)), noise_grains=(1, 4),
+)
+VALIDATION = OodSplit(
+    "validation", LETTERS[1::2], ("grace_hopper",), ("rings", "plaid", "zigzag"), digits="train",
+    flat_levels=tuple(range(1, LEVELS, 2)), noise_grains=(2,),
+)
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -407,20 +533,21 @@ def _uint8_to_levels(images: np.ndarray) -> np.ndarray:
     return np.round(images[..., 0].astype(np.float64) * LEVELS / 255).astype(np.int64)
 
 
+# Test and validation have the same sets (from disjoint sources: OodSplit), in three groups.
+OOD_SETS = {
+    "letters": "near", "rotated": "near", "flipped": "near", "overlaid": "near",
+    "photos": "far", "textures": "far", "noise": "far",
+    **dict.fromkeys(STATISTICS_GENERATORS, "stats"),
+}
+
 DIGITS = register(
     Benchmark(
         name="digits",
         class_names=("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
         image_size=8,
         channels=1,
-        ood_sets={
-            "letters": "near", "rotated": "near", "flipped": "near", "overlaid": "near",
-            "photos": "far", "textures": "far", "noise": "far",
-        },
-        validation_ood_sets={
-            "letters": "near", "rotated": "near", "flipped": "near", "overlaid": "near",
-            "photos": "far", "textures": "far", "noise": "far",
-        },
+        ood_sets=OOD_SETS,
+        validation_ood_sets=OOD_SETS,
         prepare_data=prepare_data,
         default_diffusion="tiny",
         needs=(
