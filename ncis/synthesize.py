@@ -198,6 +198,8 @@ def main(params: Params) -> dict:
         "paired_outlier_control_distance": float(np.sqrt((((images[paired] / 255.0) - (control / 255.0)) ** 2).sum((1, 2, 3))).mean())
         if len(paired)
         else float("nan"),
+        **{f"outlier_{k}": v for k, v in diagnostics.statistics_shift(id_images, small_images).items()},
+        **{f"control_{k}": v for k, v in diagnostics.statistics_shift(id_images, small(control)).items()},
         "images": int(len(images)),
     }
 

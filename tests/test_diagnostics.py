@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ncis.datasets.digits import split_digits
-from ncis.diagnostics import fit_pixel_classifier, in_class_fraction, mahalanobis_ratio, pairwise_diversity
+from ncis.diagnostics import fit_pixel_classifier, in_class_fraction, local_contrast, mahalanobis_ratio, pairwise_diversity, statistics_shift
 
 
 def test_in_class_fraction_is_high_for_real_digits_and_low_for_noise():
@@ -49,3 +49,20 @@ def test_pairwise_diversity_is_the_mean_pixel_distance_within_each_class():
     images[2, 0, 0, 0] = 255
     labels = np.array([0, 0, 1, 1])
     assert np.isclose(pairwise_diversity(images, labels), (1.0 + np.sqrt(2)) / 2)
+
+
+def test_statistics_shift_sees_a_brighter_or_sharper_pool_and_not_a_resample():
+    (train_x, _), (test_x, _) = split_digits(0.25, seed=0)
+    same = statistics_shift(train_x, test_x)  # unseen digits: the same statistics
+    assert 0.4 < same["mean_level_auroc"] < 0.6 and 0.9 < same["local_contrast_ratio"] < 1.1
+    inked = np.minimum(test_x.astype(np.int64) * 5 // 4, 255).astype(np.uint8)  # a quarter more ink
+    assert statistics_shift(train_x, inked)["mean_level_auroc"] > 0.7
+    assert statistics_shift(train_x, 255 - test_x)["mean_level_auroc"] > 0.99  # negatives
+    # Sharper: every pixel pushed to black or white, the same mean level within a little.
+    assert statistics_shift(train_x, np.where(test_x > 127, 255, 0).astype(np.uint8))["local_contrast_ratio"] > 1.05
+
+
+def test_local_contrast_is_the_mean_step_between_neighbours():
+    image = np.zeros((1, 4, 4, 1), np.uint8)
+    image[0, :, 2:] = 100  # one vertical edge: 1 of 3 horizontal steps per row is 100, no vertical step
+    assert local_contrast(image)[0] == (100 / 3 + 0) / 2

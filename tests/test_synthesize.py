@@ -76,6 +76,13 @@ def test_synthesize_writes_an_image_folder_preview_and_diagnostics(tmp_path, unt
         distance = lambda x: np.sqrt(np.einsum("nd,de,ne->n", x - members.mean(0), precision, x - members.mean(0)))  # noqa: E731
         ratios.append(distance(pool[c].astype(np.float64)).mean() / distance(members).mean())
     assert saved["outlier_mahalanobis_ratio"] == pytest.approx(np.mean(ratios), rel=1e-6)
+    # The pool's global statistics against the ID images': how well the mean level alone tells them apart.
+    from sklearn.metrics import roc_auc_score
+
+    levels = np.r_[pixels(id_images).mean(1), pixels(images).mean(1)]
+    auroc = roc_auc_score(np.r_[np.zeros(len(id_images)), np.ones(len(images))], levels)
+    assert saved["outlier_mean_level_auroc"] == pytest.approx(auroc, abs=1e-12)
+    assert 0 < saved["outlier_local_contrast_ratio"] and 0 <= saved["control_mean_level_auroc"] <= 1
 
 
 def test_images_per_class_and_save_size(tmp_path, untrained_pipeline_dir):
