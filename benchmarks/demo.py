@@ -4,8 +4,9 @@
 2. The baseline: the same classifier trained without outliers (`classifier.outliers=none`, every
    other setting the same): `train-classifier` and `evaluate` into `<outputs>/baseline/`, which
    reads the pipeline's `<outputs>/data` through a link.
-3. Both side by side, per OOD set, per group and on average (test sets; the validation average
-   beside them): printed, written to `<outputs>/comparison.txt` and logged to MLflow.
+3. Both side by side, per OOD set, per group (near, far, stats) and on average (test sets; then the
+   validation average and groups), each row's difference beside it and every loss marked: printed,
+   written to `<outputs>/comparison.txt` and logged to MLflow.
 
 In MLflow: two pipeline runs named as `ncis run` names them (`digits-cvpn-monotone-seed0` with
 its seven stage runs, `digits-none-monotone-seed0` with `train-classifier` and `evaluate`), so
@@ -84,25 +85,33 @@ def comparison_metrics(ncis: dict, baseline: dict) -> dict[str, float]:
 
 
 def comparison_table(ncis: dict, baseline: dict) -> str:
-    """Rows: the classifier without outliers, the NCIS one; columns: each test set, each group,
-    the average, and the validation average. AUROC, then FPR95, in %."""
-    columns = [
-        *((name, lambda m, name=name: m["ood"][name]) for name in ncis["ood"]),
-        *((group, lambda m, group=group: m["groups"][group]) for group in ncis["groups"]),
-        ("average", lambda m: m["average"]),
-    ]
+    """One row per test OOD set, per group, the average, then the validation average and groups;
+    columns: AUROC without outliers, with them and the difference, then the same for FPR95 (in %).
+    A row where the outliers lose AUROC is marked, so that a loss reads as plainly as a gain."""
+    rows = [(name, entry["group"], lambda m, name=name: m["ood"][name]) for name, entry in ncis["ood"].items()]
+    rows += [(f"{group} average", "", lambda m, group=group: m["groups"][group]) for group in ncis["groups"]]
+    rows.append(("average", "", lambda m: m["average"]))
     if "validation" in ncis and "validation" in baseline:
-        columns.append(("val avg", lambda m: m["validation"]["average"]))
-    rows = (("no outliers", baseline), ("NCIS", ncis))
-    header = f"{'':<14}" + "".join(f"{name[:COLUMN - 1]:>{COLUMN}}" for name, _ in columns)
+        rows.append(("val average", "", lambda m: m["validation"]["average"]))
+        rows += [(f"val {group}", "", lambda m, group=group: m["validation"]["groups"][group]) for group in ncis["validation"]["groups"]]
+
+    def cells(metric: str, pick) -> str:
+        before, after = 100 * pick(baseline)[metric], 100 * pick(ncis)[metric]
+        return f"{before:>{COLUMN}.1f}{after:>{COLUMN}.1f}{after - before:>+{COLUMN}.1f}"
+
+    width = max(len(label) for label, _, _ in rows) + 2
     lines = [
-        f"What the synthetic outliers bought: the same classifier (score {ncis['score']}) trained without "
-        "them, then with them. Test OOD sets, their groups and average; 'val avg': the validation sets' average.",
+        f"What the synthetic outliers bought: the same classifier (score {ncis['score']}) trained without them "
+        "('none'), then with them ('NCIS'). Test OOD sets, their groups and average; then the validation sets'.",
+        "",
+        f"{'':<{width + 7}}{'AUROC % (higher is better)':<{3 * COLUMN + 2}}FPR95 % (lower is better)",
+        f"{'OOD set':<{width}}{'group':<7}" + "".join(f"{h:>{COLUMN}}" for h in ("none", "NCIS", "Δ")) + "  "
+        + "".join(f"{h:>{COLUMN}}" for h in ("none", "NCIS", "Δ")),
     ]
-    for metric, better in (("auroc", "higher"), ("fpr95", "lower")):
-        lines += ["", f"{metric.upper()} (%, {better} is better)", header]
-        lines += [f"{label:<14}" + "".join(f"{100 * pick(m)[metric]:>{COLUMN}.1f}" for _, pick in columns) for label, m in rows]
-    lines += ["", "ID accuracy (%): " + ", ".join(f"{label} {100 * m['id_accuracy']:.1f}" for label, m in rows)]
+    for label, group, pick in rows:
+        lost = pick(ncis)["auroc"] < pick(baseline)["auroc"]
+        lines.append(f"{label:<{width}}{group:<7}{cells('auroc', pick)}  {cells('fpr95', pick)}" + ("  <- NCIS loses" if lost else ""))
+    lines += ["", "ID accuracy (%): " + ", ".join(f"{label} {100 * m['id_accuracy']:.1f}" for label, m in (("none", baseline), ("NCIS", ncis)))]
     return "\n".join(lines)
 
 

@@ -416,25 +416,27 @@ def test_evaluate_names_a_missing_validation_set(tmp_path):
 # --- the demo's comparison -------------------------------------------------------------------
 
 
-def fake_metrics(auroc: float, accuracy: float) -> dict:
-    entry = {"fpr95": 1 - auroc, "auroc": auroc, "aupr_in": auroc, "aupr_out": auroc}
+def fake_metrics(auroc: float, accuracy: float, stats_auroc: float | None = None) -> dict:
+    entry = lambda auroc: {"fpr95": 1 - auroc, "auroc": auroc, "aupr_in": auroc, "aupr_out": auroc}  # noqa: E731
+    stats = entry(auroc if stats_auroc is None else stats_auroc)
     block = {
-        "ood": {name: {"group": group, **entry} for name, group in BENCHMARK.ood_sets.items()},
-        "average": entry,
-        "groups": {"near": entry, "far": entry},
+        "ood": {name: {"group": group, **(stats if group == "stats" else entry(auroc))} for name, group in BENCHMARK.ood_sets.items()},
+        "average": entry(auroc),
+        "groups": {"near": entry(auroc), "far": entry(auroc), "stats": stats},
     }
     return {"benchmark": "digits", "score": "energy", "id_accuracy": accuracy, **block, "validation": block}
 
 
-def test_demo_table_shows_the_classifier_without_outliers_beside_the_ncis_one():
-    table = demo.comparison_table(fake_metrics(0.9, 0.98), fake_metrics(0.6, 0.99))
-    lines = table.splitlines()
-    auroc_none, auroc_ncis = [line for line in lines if line.startswith(("no outliers", "NCIS"))][:2]
-    # 7 sets, 2 groups, the average and the validation average
-    assert auroc_none.split()[2:] == ["60.0"] * 11 and auroc_ncis.split()[1:] == ["90.0"] * 11
-    for name in ("letters", "overlaid", "noise", "near", "far", "average", "val avg"):
-        assert name in table
-    assert "ID accuracy (%): no outliers 99.0, NCIS 98.0" in table
+def test_demo_table_shows_every_set_and_group_with_and_without_outliers_and_marks_each_loss():
+    table = demo.comparison_table(fake_metrics(0.9, 0.98, stats_auroc=0.4), fake_metrics(0.6, 0.99))
+    rows = {line.split()[0] if not line.startswith("val") else " ".join(line.split()[:2]): line for line in table.splitlines()[4:] if line.strip()}
+    # every test set and group, the average, the validation average and groups: none, NCIS, Δ for AUROC then FPR95
+    assert set(BENCHMARK.ood_sets) | {"near", "far", "stats", "average", "val average", "val near", "val far", "val stats"} <= set(rows)
+    assert rows["letters"].split()[2:8] == ["60.0", "90.0", "+30.0", "40.0", "10.0", "-30.0"]
+    assert rows["flat"].split()[2:5] == ["60.0", "40.0", "-20.0"] and rows["flat"].endswith("NCIS loses")
+    assert rows["stats"].endswith("NCIS loses") and rows["val stats"].endswith("NCIS loses")
+    assert not any(rows[name].endswith("loses") for name in ("letters", "near", "far", "average", "val average"))
+    assert "ID accuracy (%): none 99.0, NCIS 98.0" in table
 
 
 def test_demo_runs_the_pipeline_then_the_same_classifier_without_outliers(tmp_path, monkeypatch, capsys):
@@ -463,7 +465,7 @@ def test_demo_runs_the_pipeline_then_the_same_classifier_without_outliers(tmp_pa
     baseline = str(outputs / "baseline")
     assert calls == [("pipeline", "ncis", str(outputs)), ("train-classifier", "none", baseline), ("evaluate", "none", baseline)]
     out = capsys.readouterr().out
-    assert "no outliers" in out and "NCIS" in out
+    assert "none" in out and "NCIS" in out
     assert (outputs / "comparison.txt").read_text().strip() == out.strip()
     assert logged["ncis/auroc/letters"] == 0.9 and logged["no_outliers/auroc/letters"] == 0.6
     assert logged["ncis/auroc/val_average"] == 0.9 and logged["no_outliers/id_accuracy"] == 0.99
