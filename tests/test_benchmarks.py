@@ -96,6 +96,29 @@ def test_tables_show_validation_columns_to_choose_on_before_test_columns():
     assert "| – | – |" in results.table(old) and results.best_on_validation(old, str) == ""
 
 
+def grouped(val_groups: dict[str, float]) -> dict:
+    """A metrics.json whose validation block has these group AUROCs (the average is their mean)."""
+    metrics = report(0.8, sum(val_groups.values()) / len(val_groups))
+    metrics["validation"]["groups"] = {g: {"auroc": a} for g, a in val_groups.items()}
+    return metrics
+
+
+def test_a_row_that_loses_a_validation_group_to_no_outliers_is_not_chosen():
+    reports = {
+        ("none",): [grouped({"near": 0.8, "stats": 0.5})] * 2,
+        ("sharp",): [grouped({"near": 0.95, "stats": 0.45}), grouped({"near": 0.95, "stats": 0.5})],  # best average, loses stats
+        ("even",): [grouped({"near": 0.85, "stats": 0.55})] * 2,
+    }
+    choice = results.best_on_validation(reports, " / ".join, ("none",))
+    assert choice.startswith("Highest validation AUROC: even (70.0), of the rows that lose no validation group to none")
+    assert "Losing a group: sharp (stats -2.5)" in choice
+    # Without a baseline the highest average wins, as before.
+    assert results.best_on_validation(reports, " / ".join).startswith("Highest validation AUROC: sharp")
+    # The groups are columns to choose on, beside the validation average.
+    columns = [c.strip() for c in results.table({(k[0], "free"): v for k, v in reports.items()}).splitlines()[0].strip("|").split("|")]
+    assert columns[2:6] == ["val FPR95 ↓", "val AUROC ↑", "val near", "val stats"]
+
+
 def test_a_sweep_value_equal_to_the_reference_is_the_reference_row():
     head = load_params().classifier.energy_head
     assert study.same_as_reference((f"classifier.energy_head={head}",), [])
