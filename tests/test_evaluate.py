@@ -182,7 +182,7 @@ def _check_metrics_file(path, score) -> dict:
     assert metrics["benchmark"] == "digits" and metrics["score"] == score
     assert list(metrics["ood"]) == SETS
     assert metrics["ood"]["letters"]["group"] == "near" and metrics["ood"]["noise"]["group"] == "far"
-    assert list(metrics["groups"]) == ["near", "far"]
+    assert list(metrics["groups"]) == ["near", "far", "stats"]
     for entry in [*metrics["ood"].values(), metrics["average"], *metrics["groups"].values()]:
         assert set(entry) - {"group"} == METRICS
     return metrics
@@ -283,7 +283,7 @@ def test_evaluate_writes_metrics_plots_and_logs(tmp_path, monkeypatch, capsys):
         for name in SETS:
             assert logged[f"{metric}/{name}"] == pytest.approx(expected["ood"][name][metric], abs=1e-9)
         assert logged[f"{metric}/average"] == pytest.approx(expected["average"][metric], abs=1e-9)
-        for group in ("near", "far"):
+        for group in ("near", "far", "stats"):
             assert logged[f"{metric}/average_{group}"] == pytest.approx(expected["groups"][group][metric], abs=1e-9)
         for name, entry in expected["validation"]["ood"].items():
             assert logged[f"{metric}/val_{name}"] == pytest.approx(entry[metric], abs=1e-9)
