@@ -7,9 +7,11 @@ reuses what its change does not touch: a sampler or guidance change reuses the r
 runs' diffusion model and embeddings, an inversion change re-embeds, a token-noise change
 retrains the model (one model per setting, shared by its seeds).
 
-Each sweep's table (mean ± std over seeds) shows the validation OOD sets' average AUROC first
-(`Benchmark.validation_ood_sets`: the columns a default is chosen on; the setting with the
-highest is named below the table), then the test sets' (reported, never chosen on). A setting
+Each sweep's table (mean ± std over seeds) starts with the same classifier trained without
+outliers (runs in <outputs>/none), then shows the validation OOD sets' average AUROC and AUROC
+per group first (`Benchmark.validation_ood_sets`: the columns a default is chosen on; named below
+the table: the setting with the highest average of those that lose no validation group to the
+no-outlier row), then the test sets' (reported, never chosen on). A setting
 equal to the reference (e.g. guidance 7.5 when params.yaml says 7.5) is the reference row. The table
 goes to <outputs>/<sweep>.md and, with --publish, between the `<!-- study:<sweep>:start/end -->`
 markers of docs/digits-study.md.
@@ -24,7 +26,10 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from results import ROOT, SHARED, VARIANTS, best_on_validation, mean_std, prepare_base, validation_mean_std, variant_run, write_between_markers
+from results import (
+    ROOT, SHARED, VARIANTS, best_on_validation, mean_std, prepare_base, validation_group_mean_std, validation_mean_std, variant_run,
+    write_between_markers,
+)
 
 from ncis.config import load_params
 
@@ -87,11 +92,8 @@ SWEEPS = {sweep.name: sweep for sweep in (
         ((), ("synthesize.noise_scale=1.5",)),
     ),
 )}
-COLUMNS = (
-    "in-class, outliers ↓", "in-class, control", "paired L2", "Mahalanobis ratio",
-    "val AUROC ↑", "Δ val AUROC",  # to choose on
-    "FPR95 ↓", "AUROC ↑", "Δ AUROC", "AUROC near", "ID acc.",  # to report
-)
+OUTLIER_COLUMNS = ("in-class, outliers ↓", "in-class, control", "paired L2", "Mahalanobis ratio", "mean level AUROC")
+BASELINE_LABEL = "no outliers"
 
 
 def folder_name(overrides: tuple[str, ...]) -> str:
@@ -127,6 +129,18 @@ def run_setting(sweep: Sweep, overrides: tuple[str, ...], seeds: list[int], outp
     ]
 
 
+def run_baseline(seeds: list[int], outputs: Path, pinned: list[str]) -> list[dict]:
+    """The same classifier without outliers, per seed, on the reference's data: the row no chosen
+    setting may lose a validation group to (docs/digits-study.md, "Choosing on validation")."""
+    common = ["tracking.enabled=false", *pinned]
+    base = prepare_base(outputs / "reference", common, None, [])
+    head = load_params(overrides=common).classifier.energy_head
+    return [
+        variant_run(base, outputs / "none" / f"none-{head}-seed{seed}", [*common, *VARIANTS["none"], f"seed={seed}"], "none", None)
+        for seed in seeds
+    ]
+
+
 def same_as_reference(overrides: tuple[str, ...], pinned: list[str]) -> bool:
     """The setting changes nothing: its params equal the reference's (e.g. the default value)."""
     return bool(overrides) and load_params(overrides=[*pinned, *overrides]) == load_params(overrides=pinned)
@@ -140,31 +154,46 @@ def paired_delta(reports: list[dict], reference: list[dict], metric) -> str:
         return "–"
 
 
-def sweep_table(sweep: Sweep, rows: dict[tuple[str, ...], list[dict]], pinned: list[str]) -> str:
-    """One row per setting. Δ is the difference to the reference run of the same seed: seeds share
-    the classifier's initialisation and data order, which move AUROC more than most knobs."""
+def sweep_table(sweep: Sweep, rows: dict[tuple[str, ...], list[dict]], pinned: list[str], baseline: list[dict]) -> str:
+    """The no-outlier row, then one row per setting. Δ is the difference to the reference run of the
+    same seed: seeds share the classifier's initialisation and data order, which move AUROC more
+    than most knobs. Validation columns (average, per group) to choose on, then test columns to report."""
     reference = rows[()]
-    lines = [
-        "| setting | shift from token | invariants | cVPN rec. / PCA | " + " | ".join(COLUMNS) + " |",
-        "|" + " --- |" * (len(COLUMNS) + 4),
+    val_groups, groups = list(reference[0]["validation"]["groups"]), list(reference[0]["groups"])
+    names = [
+        "setting", "shift from token", "invariants", "cVPN rec. / PCA", *OUTLIER_COLUMNS,
+        "val AUROC ↑", "Δ val AUROC", *(f"val {g}" for g in val_groups),  # to choose on
+        "FPR95 ↓", "AUROC ↑", "Δ AUROC", *(f"AUROC {g}" for g in groups), "ID acc.",  # to report
     ]
-    for overrides, reports in rows.items():
-        diagnostics = [r["diagnostics"] for r in reports]
+    lines = ["| " + " | ".join(names) + " |", "|" + " --- |" * len(names)]
+    for overrides, reports in {BASELINE_LABEL: baseline, **rows}.items():
+        is_setting = overrides != BASELINE_LABEL
+        diagnostics = [r.get("diagnostics", {}) for r in reports]
+
+        def outliers(key, percent=True, digits=1):
+            values = [d.get(key) for d in diagnostics]
+            return mean_std(values, percent=percent, digits=digits) if is_setting and None not in values else "–"
+
+        def delta(metric):
+            return paired_delta(reports, reference, metric) if is_setting and overrides else "–"
+
         cells = [
-            setting_label(overrides) if overrides else reference_label(sweep, pinned),
-            f"{reports[0]['embed']['shift_from_class_token_mean']:.2f}",
-            str(reports[0]["cvpn"]["num_invariants"]),
-            mean_std([r["cvpn"]["reconstruction_vs_pca"] for r in reports], percent=False, digits=2),
-            mean_std([d["outlier_in_class_fraction"] for d in diagnostics]),
-            mean_std([d["control_in_class_fraction"] for d in diagnostics]),
-            mean_std([d["paired_outlier_control_distance"] for d in diagnostics], percent=False, digits=2),
-            mean_std([d["outlier_mahalanobis_ratio"] for d in diagnostics], percent=False, digits=2),
+            BASELINE_LABEL if not is_setting else setting_label(overrides) if overrides else reference_label(sweep, pinned),
+            f"{reports[0]['embed']['shift_from_class_token_mean']:.2f}" if is_setting else "–",
+            str(reports[0]["cvpn"]["num_invariants"]) if is_setting else "–",
+            mean_std([r["cvpn"]["reconstruction_vs_pca"] for r in reports], percent=False, digits=2) if is_setting else "–",
+            outliers("outlier_in_class_fraction"),
+            outliers("control_in_class_fraction"),
+            outliers("paired_outlier_control_distance", percent=False, digits=2),
+            outliers("outlier_mahalanobis_ratio", percent=False, digits=2),
+            outliers("outlier_mean_level_auroc"),
             validation_mean_std(reports, "auroc"),
-            paired_delta(reports, reference, lambda r: r["validation"]["average"]["auroc"]) if overrides else "–",
+            delta(lambda r: r["validation"]["average"]["auroc"]),
+            *[validation_group_mean_std(reports, g) for g in val_groups],
             mean_std([r["average"]["fpr95"] for r in reports]),
             mean_std([r["average"]["auroc"] for r in reports]),
-            paired_delta(reports, reference, lambda r: r["average"]["auroc"]) if overrides else "–",
-            mean_std([r["groups"]["near"]["auroc"] for r in reports]),
+            delta(lambda r: r["average"]["auroc"]),
+            *[mean_std([r["groups"][g]["auroc"] for r in reports]) for g in groups],
             mean_std([r["id_accuracy"] for r in reports]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -184,11 +213,13 @@ def main() -> None:
         sweep = SWEEPS[name]
         settings = [o for o in sweep.settings if not same_as_reference(o, args.pinned)]
         rows = {o: run_setting(sweep, o, args.seeds, Path(args.outputs), args.pinned) for o in settings}
+        baseline = run_baseline(args.seeds, Path(args.outputs), args.pinned)
         command = " ".join(["python benchmarks/study.py", f"--sweeps {name}", f"--seeds {' '.join(map(str, args.seeds))}", *[f"--set {o}" for o in args.pinned]])
-        choice = best_on_validation(rows, lambda o: setting_label(o) if o else reference_label(sweep, args.pinned))
+        label = lambda o: BASELINE_LABEL if o == BASELINE_LABEL else setting_label(o) if o else reference_label(sweep, args.pinned)  # noqa: E731
+        choice = best_on_validation({BASELINE_LABEL: baseline, **rows}, label, BASELINE_LABEL)
         text = (
             f"{sweep.question} `{command}` ({len(args.seeds)} seeds; mean ± std, % unless a ratio or distance):\n\n"
-            f"{sweep_table(sweep, rows, args.pinned)}\n" + (f"\n{choice}" if choice else "")
+            f"{sweep_table(sweep, rows, args.pinned, baseline)}\n" + (f"\n{choice}" if choice else "")
         )
         print(f"\n## {name}\n\n{text}", flush=True)
         (Path(args.outputs) / name).mkdir(parents=True, exist_ok=True)

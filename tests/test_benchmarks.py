@@ -126,3 +126,30 @@ def test_a_sweep_value_equal_to_the_reference_is_the_reference_row():
     assert not study.same_as_reference((f"classifier.energy_head={other}",), [])
     assert study.same_as_reference((f"classifier.energy_head={other}",), [f"classifier.energy_head={other}"])
     assert not study.same_as_reference((), [])  # the reference itself is no duplicate
+
+
+def test_sweep_tables_start_with_the_no_outlier_row_and_show_each_validation_group():
+    def run(near: float, stats: float, outliers: bool = True) -> dict:
+        metrics = grouped({"near": near, "stats": stats})
+        if outliers:
+            metrics |= {
+                "embed": {"shift_from_class_token_mean": 0.12},
+                "cvpn": {"num_invariants": 15, "reconstruction_vs_pca": 1.27},
+                "diagnostics": {
+                    "outlier_in_class_fraction": 0.86, "control_in_class_fraction": 0.96, "paired_outlier_control_distance": 1.2,
+                    "outlier_mahalanobis_ratio": 1.7, "outlier_mean_level_auroc": 0.75,
+                },
+            }
+        return metrics
+
+    sweep = study.SWEEPS["guidance"]
+    rows = {(): [run(0.9, 0.3)] * 2, ("synthesize.guidance_scale=1",): [run(0.9, 0.7)] * 2}
+    lines = study.sweep_table(sweep, rows, [], [run(0.8, 0.5, outliers=False)] * 2).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [row[0] for row in cells] == ["no outliers", study.reference_label(sweep, []), "guidance_scale 1"]
+    column = dict(zip(header, zip(*cells)))
+    assert column["val near"] == ("80.0 ± 0.0", "90.0 ± 0.0", "90.0 ± 0.0")
+    assert column["val stats"] == ("50.0 ± 0.0", "30.0 ± 0.0", "70.0 ± 0.0")
+    assert column["mean level AUROC"] == ("–", "75.0 ± 0.0", "75.0 ± 0.0")  # no outliers, no pool
+    assert column["Δ val AUROC"] == ("–", "–", "20.0 ± 0.0")  # (0.9 + 0.7) / 2 - (0.9 + 0.3) / 2
