@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import blind_spot  # noqa: E402
 import results  # noqa: E402
 import study  # noqa: E402
 
@@ -153,3 +154,11 @@ def test_sweep_tables_start_with_the_no_outlier_row_and_show_each_validation_gro
     assert column["val stats"] == ("50.0 ± 0.0", "30.0 ± 0.0", "70.0 ± 0.0")
     assert column["mean level AUROC"] == ("–", "75.0 ± 0.0", "75.0 ± 0.0")  # no outliers, no pool
     assert column["Δ val AUROC"] == ("–", "–", "20.0 ± 0.0")  # (0.9 + 0.7) / 2 - (0.9 + 0.3) / 2
+
+
+def test_blind_spot_table_averages_seeds_and_shows_no_pool_as_a_dash():
+    row = lambda energy, level: {"ID digits": energy, "faint": energy + 1, "outliers' mean-level AUROC": level, "stats AUROC": 0.5}  # noqa: E731
+    lines = blind_spot.table({"no outliers": [row(8.0, float("nan"))] * 2, "guidance 7.5": [row(6.0, 0.7), row(7.0, 0.8)]}).splitlines()
+    assert lines[0] == "| runs | E ID digits | E faint | outliers' mean-level AUROC | stats AUROC |"
+    assert lines[2] == "| no outliers (2 seeds) | 8.00 | 9.00 | – | 50.0 |"
+    assert lines[3] == "| guidance 7.5 (2 seeds) | 6.50 | 7.50 | 0.75 | 50.0 |"
