@@ -142,8 +142,15 @@ def main(params, checkpoint: str | Path) -> dict:
     }
     output = layout_for(params).classifier
     save_weights(output, model, config)
-    tracking.set_tags({"checkpoint_file": checkpoint.name, "checkpoint_sha256": digest})
+    source = {"checkpoint_file": checkpoint.name, "checkpoint_sha256": digest}
+    tracking.set_tags(source)
     tracking.log_artifact(output)
+    # 4. In the model registry, as `models:/ncis-<benchmark>-classifier@paper` (the model takes [0, 1] images).
+    examples = torch.rand(2, benchmark.channels, benchmark.image_size, benchmark.image_size, generator=torch.Generator().manual_seed(0))
+    tracking.log_classifier_model(model.eval(), examples, name="model", folder=output)  # beside the artifact classifier/, not in it
+    tracking.register_classifier(
+        params.benchmark, source, f"The paper's released classifier {checkpoint.name} (sha256 {digest})", alias=tracking.PAPER_ALIAS
+    )
     print(f"{COMMAND}: {checkpoint.name} (sha256 {digest[:12]}...) -> {output}")
     return config
 

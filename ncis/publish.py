@@ -2,7 +2,8 @@
 
 What a maintainer runs after `dvc repro` (docs/dvc.md, "Pretrained artifacts"). The real `dvc`
 CLI does every step, run with this interpreter (`python -m dvc`), so the push, the garbage
-collection and the check are exactly DVC's.
+collection and the check are exactly DVC's. Then the MLflow registry's `published` alias is
+pointed at the pushed classifier's model (docs/tracking.md, "The model registry").
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from ncis.errors import UserError
+from ncis.errors import UserError, one_line
 
 # The only stage whose outputs are third-party data for the real benchmarks (CIFAR-100,
 # ImageNet, the OOD sets): their licences forbid redistributing them. digits' are generated here.
@@ -91,8 +92,43 @@ def main(args) -> None:
     from ncis.config import load_params
 
     root = Path.cwd()
-    publish(root, load_params(None).benchmark, remote=args.remote, prune=args.prune)
+    params = load_params(None)
+    publish(root, params.benchmark, remote=args.remote, prune=args.prune)
+    if params.tracking.enabled:
+        alias_published(root, params)
     print("publish: now commit dvc.lock (and the remote folder if the repository holds it) so that clones pull these")
+
+
+def alias_published(root: Path, params) -> None:
+    """5. `models:/ncis-<benchmark>-classifier@published`: the registered version of the classifier
+    dvc.lock records. Only a note where the tracking store cannot say which: the outputs are
+    published either way."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from ncis import tracking
+    from ncis.layout import layout_for
+
+    classifier = Path(os.path.relpath(root / layout_for(params).classifier, root)).as_posix()
+    digest = tracking.dvc_output_hashes(root / "dvc.lock").get(classifier)
+    store = mlflow.get_tracking_uri()
+    try:
+        missing = tracking.missing_local_store()
+        if missing is not None:
+            raise UserError(f"no MLflow store at {missing}")
+        tracking.check_server("or set tracking.enabled: false in the params file")
+        uri = tracking.alias_classifier(params.benchmark, digest) if digest else None
+    except (UserError, MlflowException) as err:
+        print(f"publish: note: registry alias {tracking.PUBLISHED_ALIAS!r} not set: {one_line(err)}", file=sys.stderr)
+        return
+    if uri is None:
+        print(
+            f"publish: note: registry alias {tracking.PUBLISHED_ALIAS!r} not set: no run in {store} logged dvc.lock's {classifier} "
+            f"({digest}); it is set once `dvc repro` or `ncis run` with tracking on has logged it here",
+            file=sys.stderr,
+        )
+        return
+    print(f"publish: {uri} is dvc.lock's {classifier} ({digest})", flush=True)
 
 
 def dvc(root: Path, *args: str) -> str:

@@ -9,7 +9,8 @@ MLflow's own conventions throughout: `MLFLOW_TRACKING_URI` picks the server, `ML
 the experiment (default: the benchmark's name), and a run started by `mlflow run` (which sets
 `MLFLOW_RUN_ID`) becomes the pipeline run. Every run carries all parameters flattened (`cvpn.lr`),
 since a stage's results depend on its upstream stages' too, the tag `ncis.stage` and provenance
-tags (git commit, DVC input hashes). docs/tracking.md documents the names.
+tags (git commit, DVC input hashes). A stage run also lists the data it reads as MLflow datasets
+(`ncis.inputs`, digest: DVC's hash) and samples system metrics. docs/tracking.md documents the names.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ import copy
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
+import shlex
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,12 @@ PIPELINE = "pipeline"  # `ncis.stage` of the pipeline run
 NAME_TAG = "ncis.run_name"  # the descriptive name, also on stage runs (which are named after their stage)
 PRIMARY_METRIC = "auroc/average"  # greater is better
 RUNS_VIEW = "ncis"  # key of the saved runs-table view that ncis keeps in every experiment it logs to
+CLASSIFIER_HASH_TAG = "ncis.classifier_dvc_hash"  # DVC's hash of the classifier folder a logged model was saved from
+PUBLISHED_ALIAS = "published"  # registry alias: the classifier `ncis publish` pushed (dvc.lock's)
+PAPER_ALIAS = "paper"  # registry alias: the paper's released classifier `ncis import-classifier` imported last
+# MLflow samples system metrics every 10 s by default, which leaves a stage of seconds without one;
+# MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, when set, wins.
+SYSTEM_METRICS_INTERVAL_S = 2
 
 
 def registered_model_name(benchmark: str) -> str:
@@ -66,9 +76,15 @@ class Run:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         pass
 
-    def log_classifier_model(self, model, example_images, name: str = "classifier"):
+    def log_classifier_model(self, model, example_images, name: str = "classifier", folder=None):
         """The classifier as an MLflow pytorch model (see MlflowRun); None here."""
         return None
+
+    def log_datasets(self, inputs: Sequence[Any]) -> None:
+        """`ncis.inputs.DataInput`s as MLflow datasets, DVC's hash as digest; on the pipeline run too."""
+
+    def register_classifier(self, benchmark: str, tags: Mapping[str, str], description: str, alias: str | None = None) -> None:
+        """The classifier this run logged last, as a new version of `ncis-<benchmark>-classifier`."""
 
 
 NO_RUN = Run()
@@ -99,8 +115,12 @@ def set_tags(tags: Mapping[str, Any]) -> None:
     current().set_tags(tags)
 
 
-def log_classifier_model(model, example_images, name: str = "classifier"):
-    return current().log_classifier_model(model, example_images, name)
+def log_classifier_model(model, example_images, name: str = "classifier", folder=None):
+    return current().log_classifier_model(model, example_images, name, folder)
+
+
+def register_classifier(benchmark: str, tags: Mapping[str, str], description: str, alias: str | None = None) -> None:
+    current().register_classifier(benchmark, tags, description, alias)
 
 
 def evaluation_metrics(report: Mapping[str, Any]) -> dict[str, float]:
@@ -164,7 +184,9 @@ class MlflowRun(Run):
         self.name = run.info.run_name
         self.parent = parent
         self.summary: dict[str, float] = {}  # what log_summary logged here
-        self.classifier_uri: str | None = None  # set on the pipeline run when a stage logs the classifier
+        # The classifier model logged last, here or (on the pipeline run) by a stage, and DVC's hash of its folder.
+        self.classifier_uri: str | None = None
+        self.classifier_hash: str | None = None
 
     @_best_effort
     def log_metrics(self, metrics, step=None):
@@ -197,13 +219,15 @@ class MlflowRun(Run):
         MlflowClient().log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     @_best_effort
-    def log_classifier_model(self, model, example_images, name="classifier"):
+    def log_classifier_model(self, model, example_images, name="classifier", folder=None):
         """`mlflow.pytorch.load_model(uri)(images)` gives logits. Returns MLflow's ModelInfo.
 
         `example_images`: a batch (N > 1, so the batch dimension stays dynamic) of what the module
         takes; to serve raw images, log a module that normalises them itself. MLflow exports a CPU
         copy with torch.export ("pt2"), not pickle, so loading it back runs no stored code and needs
-        no ncis. The pipeline run registers it at its end (`_register_classifier`).
+        no ncis. The pipeline run registers it at its end (`_register_classifier`). `folder`: the
+        classifier folder the model was saved to; its DVC hash (tag `ncis.classifier_dvc_hash`,
+        also on the registered version) is how `ncis publish` finds the model of dvc.lock's classifier.
         """
         import mlflow
         import numpy as np
@@ -226,9 +250,37 @@ class MlflowRun(Run):
             serialization_format="pt2",
             pip_requirements=requirements,
         )
-        if self.parent is not None:
-            self.parent.classifier_uri = info.model_uri
+        digest = dvc_hashes([folder])[folder][0] if folder is not None else None
+        if digest:
+            self.set_tags({CLASSIFIER_HASH_TAG: digest})
+        for run in (self, self.parent) if self.parent else (self,):
+            run.classifier_uri, run.classifier_hash = info.model_uri, digest
         return info
+
+    @_best_effort
+    def log_datasets(self, inputs):
+        from mlflow import MlflowClient
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        present = [i for i in inputs if i.path.exists()]  # a missing input: the stage itself says so
+        hashes = dvc_hashes([i.path for i in present])
+        logged = [
+            DatasetInput(
+                _dataset(i.name, i.path, *hashes[i.path]),
+                [InputTag(MLFLOW_DATASET_CONTEXT, i.context), *(InputTag(k, v) for k, v in i.tags.items())],
+            )
+            for i in present
+        ]
+        if logged:
+            for run in (self, self.parent) if self.parent else (self,):
+                MlflowClient().log_inputs(run.run_id, datasets=logged)
+
+    @_best_effort
+    def register_classifier(self, benchmark, tags, description, alias=None):
+        if self.classifier_uri is not None:
+            hashed = {CLASSIFIER_HASH_TAG: self.classifier_hash} if self.classifier_hash else {}
+            _register(self.classifier_uri, benchmark, {**tags, **hashed}, description, alias)
 
 
 @contextlib.contextmanager
@@ -310,9 +362,15 @@ def _open_run(params, stage: str | None, name: str | None) -> Iterator[Run]:
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or params.benchmark
         start = {"run_name": f"{name}/{stage}" if stage else name, "experiment_id": _experiment_id(experiment)}
     tags = {STAGE_TAG: stage or PIPELINE, NAME_TAG: name, **_provenance_tags(stage)}
-    with _running(params, tags, **start) as started, _in_effect(MlflowRun(started, parent)) as run:
+    with _running(params, tags, log_system_metrics=_system_metrics(stage), **start) as started, _in_effect(
+        MlflowRun(started, parent)
+    ) as run:
         if parent is None:
             _prepare_experiment(run.experiment_id)
+        if stage is not None:
+            from ncis.inputs import stage_inputs
+
+            run.log_datasets(stage_inputs(stage, params))
         yield run
         if stage is None:
             _best_effort(_register_classifier)(run, params.benchmark)
@@ -326,7 +384,8 @@ def _running(params, tags: dict[str, str], **start_kwargs) -> Iterator[Any]:
     import mlflow
     from mlflow.entities import RunStatus
 
-    run = mlflow.start_run(**start_kwargs)
+    with _system_metrics_interval():
+        run = mlflow.start_run(**start_kwargs)
     _logging_lost.clear()
     status = RunStatus.FAILED
     try:
@@ -343,6 +402,32 @@ def _running(params, tags: dict[str, str], **start_kwargs) -> Iterator[Any]:
             mlflow.end_run(RunStatus.to_string(status))
         except Exception as err:
             _report_lost(err)
+
+
+def _system_metrics(stage: str | None) -> bool | None:
+    """Stage runs log MLflow's system metrics (`system/cpu_utilization_percentage`, memory, disk,
+    network, and per GPU with nvidia-ml-py installed) unless MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+    says otherwise (None: MLflow reads it). The pipeline run's stages hold its share."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+
+    return None if stage is None or MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.defined else True
+
+
+@contextlib.contextmanager
+def _system_metrics_interval() -> Iterator[None]:
+    """SYSTEM_METRICS_INTERVAL_S while MLflow's monitor reads its settings (at the run's start),
+    unless MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL is set. The monitor's own log lines (started,
+    stopped, a server lost) are left out: ncis's one warning line says what matters."""
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+    key = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
+    ours = key not in os.environ
+    if ours:
+        os.environ[key] = str(SYSTEM_METRICS_INTERVAL_S)
+    try:
+        yield
+    finally:
+        if ours:
+            os.environ.pop(key, None)
 
 
 def _log_params(run, flat: Mapping[str, Any]) -> None:
@@ -411,13 +496,14 @@ def _differs(old: str, new: str) -> bool:
 def _runs_view() -> str:
     """The MLflow UI's saved view (Runs > Views > "ncis pipelines"), as the UI stores one in an
     experiment tag: top-level runs (pipelines; stage runs of their own) sorted by average AUROC,
-    with the final metrics as columns. The UI nests stage runs only when sorted by start time."""
+    with the datasets they read and the final metrics as columns. The UI nests stage runs only
+    when sorted by start time."""
     columns = ["auroc/average", "fpr95/average", "aupr_in/average", "id_accuracy", "synthesize/outlier_in_class_fraction"]
     state = {
         "searchFilter": "tags.mlflow.parentRunId IS NULL",
         "orderByKey": f"metrics.`{PRIMARY_METRIC}`",
         "orderByAsc": False,
-        "selectedColumns": [f"metrics.`{c}`" for c in columns],
+        "selectedColumns": ["attributes.`Dataset`", *(f"metrics.`{c}`" for c in columns)],
         "columnOrder": ["attributes.`Run Name`"],  # the UI sizes only columns it is given an order for
         "columnWidths": {"attributes.`Run Name`": 340},
     }
@@ -425,11 +511,12 @@ def _runs_view() -> str:
     return json.dumps({"name": "ncis pipelines", "createdAt": now, "updatedAt": now, "state": json.dumps(state)})
 
 
-def runs_table_url(experiment_id: str) -> str | None:
-    """The experiment's runs table with the `ncis` view, on the "Model training" side of the UI."""
+def runs_table_url(experiment_id: str, server: str | None = None) -> str | None:
+    """The experiment's runs table with the `ncis` view, on the "Model training" side of the UI, on
+    `server` (default: the tracking server; None for a local store, which `ncis ui` serves)."""
     import mlflow
 
-    uri = mlflow.get_tracking_uri().rstrip("/")
+    uri = (server or mlflow.get_tracking_uri()).rstrip("/")
     if not uri.startswith(("http://", "https://")):
         return None
     return f"{uri}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW}&workflowType=machine_learning"
@@ -437,25 +524,61 @@ def runs_table_url(experiment_id: str) -> str | None:
 
 def _register_classifier(run: MlflowRun, benchmark: str) -> None:
     """A new version of `ncis-<benchmark>-classifier` for a pipeline that logged and evaluated a
-    classifier, with the pipeline's results as tags and description. Registering copies no model
-    and loads none: the version points at the logged model."""
+    classifier, with the pipeline's results as tags and description."""
     if run.classifier_uri is None or PRIMARY_METRIC not in run.summary:
         return
+    results = {k: f"{v:.6g}" for k, v in run.summary.items()}
+    run.register_classifier(benchmark, {NAME_TAG: run.name, "ncis.pipeline_run_id": run.run_id, **results}, _version_description(run))
+
+
+def _register(model_uri: str, benchmark: str, tags: Mapping[str, str], description: str, alias: str | None = None):
+    """A new version of `ncis-<benchmark>-classifier` pointing at `model_uri` (registering copies no
+    model and loads none), `alias` moved onto it; the version, or None with a note on stderr."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     name = registered_model_name(benchmark)
-    results = {k: f"{v:.6g}" for k, v in run.summary.items()}
     try:
-        version = mlflow.register_model(
-            run.classifier_uri, name, tags={NAME_TAG: run.name, "ncis.pipeline_run_id": run.run_id, **results}
-        )
-        MlflowClient().update_model_version(name, version.version, description=_version_description(run))
+        version = mlflow.register_model(model_uri, name, tags=dict(tags))
+        MlflowClient().update_model_version(name, version.version, description=description)
+        if alias:
+            MlflowClient().set_registered_model_alias(name, alias, version.version)
     except MlflowException as err:  # e.g. a store without a registry: the run itself is complete
         print(f"ncis: note: classifier not registered as {name!r}: {str(err).splitlines()[0]}", file=sys.stderr)
-        return
-    print(f"ncis: classifier registered as models:/{name}/{version.version}")
+        return None
+    print(f"ncis: classifier registered as models:/{name}/{version.version}" + (f" (models:/{name}@{alias})" if alias else ""))
+    return version
+
+
+def alias_classifier(benchmark: str, classifier_hash: str, alias: str = PUBLISHED_ALIAS) -> str | None:
+    """Point `alias` of `ncis-<benchmark>-classifier` at the version of the classifier whose folder
+    has DVC hash `classifier_hash`: the newest such version, else a new one made from the model the
+    newest run that saved that folder logged. Returns `models:/<name>@<alias>`, or None when no run
+    in this tracking store logged that classifier."""
+    from mlflow import MlflowClient
+
+    name = registered_model_name(benchmark)
+    tagged = f"tags.`{CLASSIFIER_HASH_TAG}` = '{classifier_hash}'"
+    versions = MlflowClient().search_model_versions(f"name = '{name}' and {tagged}", order_by=["version_number DESC"], max_results=1)
+    version = versions[0] if versions else _register_logged(benchmark, classifier_hash, tagged)
+    if version is None:
+        return None
+    MlflowClient().set_registered_model_alias(name, alias, version.version)
+    return f"models:/{name}@{alias}"
+
+
+def _register_logged(benchmark: str, classifier_hash: str, tagged: str):
+    """A version of the model that the newest run matching `tagged` logged (a `train-classifier`
+    run of `dvc repro`, which registers nothing itself); None if no run did."""
+    import mlflow
+
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string=tagged, order_by=["attributes.start_time DESC"], output_format="list")
+    for run in runs:
+        for output in run.outputs.model_outputs if run.outputs else []:
+            tags = {NAME_TAG: run.info.run_name, CLASSIFIER_HASH_TAG: classifier_hash}
+            return _register(f"models:/{output.model_id}", benchmark, tags, f"{run.info.run_name}: dvc.lock's classifier (run {run.info.run_id})")
+    return None
 
 
 def _version_description(run: MlflowRun) -> str:
@@ -466,9 +589,13 @@ def _version_description(run: MlflowRun) -> str:
 
 
 def _print_link(run: MlflowRun) -> None:
+    """The runs table's link on a tracking server; on a local store, the command that serves it."""
+    from mlflow import MlflowClient
+
     url = runs_table_url(run.experiment_id)
-    if url:
-        print(f"ncis: runs table (sorted by average AUROC): {url}")
+    if url is None:
+        url = f"run `ncis ui --experiment {shlex.quote(MlflowClient().get_experiment(run.experiment_id).name)}`"
+    print(f"ncis: runs table (sorted by average AUROC): {url}")
 
 
 # ---------------------------------------------------------------- provenance tags
@@ -512,13 +639,8 @@ def dvc_input_hashes(stage: str, lock_file: str | Path = "dvc.lock") -> dict[str
     is already updated when this stage starts, while this stage's own `deps` entry is the previous
     run's until DVC rewrites it afterwards.
     """
-    import yaml
-
-    try:
-        stages = (yaml.safe_load(Path(lock_file).read_text()) or {}).get("stages") or {}
-    except (OSError, yaml.YAMLError, AttributeError):
-        return {}
-    produced = {out["path"]: _dvc_hash(out) for entry in stages.values() for out in entry.get("outs") or []}
+    stages = _locked_stages(lock_file)
+    produced = dvc_output_hashes(lock_file)
     hashes = {}
     for dep in (stages.get(stage) or {}).get("deps") or []:
         digest = produced.get(dep["path"]) or _dvc_hash(dep)
@@ -527,8 +649,74 @@ def dvc_input_hashes(stage: str, lock_file: str | Path = "dvc.lock") -> dict[str
     return hashes
 
 
+def dvc_output_hashes(lock_file: str | Path = "dvc.lock") -> dict[str, str]:
+    """Output path -> DVC hash of every stage's outputs, from `dvc.lock`; {} where unknown."""
+    stages = _locked_stages(lock_file)
+    return {out["path"]: _dvc_hash(out) for entry in stages.values() for out in entry.get("outs") or []}
+
+
+def _locked_stages(lock_file: str | Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        return (yaml.safe_load(Path(lock_file).read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return {}
+
+
 def _dvc_hash(entry: Mapping[str, Any]) -> str | None:
     return entry.get("md5") or entry.get("etag") or entry.get("checksum")
+
+
+def dvc_hashes(paths: Sequence[Path]) -> dict[Path, tuple[str, int | None, int | None]]:
+    """path -> (DVC's hash, bytes, files) of each file or folder: what `dvc add` and dvc.lock record
+    (`<md5>` for a file, `<md5>.dir` for a folder), computed by DVC itself whether or not DVC tracks
+    the path, so it is equal to dvc.lock's where dvc.lock is current and tells changed data apart
+    where it is not. Inside a DVC repository its state cache spares re-reading files unchanged since
+    DVC last hashed them."""
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    if not paths:
+        return {}
+    with contextlib.ExitStack() as stack:
+        try:
+            repo = stack.enter_context(Repo())
+            odb, fs, ignore = repo.cache.local, repo.fs, repo.dvcignore
+        except NotDvcRepoError:
+            fs, ignore = LocalFileSystem(), None
+            odb = HashFileDB(fs, stack.enter_context(tempfile.TemporaryDirectory(prefix="ncis-hash-")))
+        hashes = {}
+        for path in paths:
+            _, meta, obj = build(odb, str(Path(path).resolve()), fs, "md5", dry_run=True, ignore=ignore)
+            hashes[path] = (obj.hash_info.value, meta.size, meta.nfiles if meta.isdir else 1)
+        return hashes
+
+
+def _dataset(name: str, path: Path, digest: str, size: int | None, files: int | None):
+    """An MLflow dataset entity: a local source with DVC's hash as digest and its size as profile."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import Dataset
+
+    described = MetaDataset(LocalArtifactDatasetSource(str(Path(path).resolve())), name=name, digest=digest).to_dict()
+    return Dataset(**described, profile=json.dumps({"files": files, "bytes": size}))
+
+
+# ---------------------------------------------------------------- the store
+
+
+def missing_local_store() -> Path | None:
+    """The local SQLite file MLflow would use (MLFLOW_TRACKING_URI, else its default) when it does
+    not exist yet: only reading from it would create an empty one."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    database = uri.removeprefix("sqlite:///")
+    return Path(database) if database != uri and not Path(database).is_file() else None
 
 
 # ---------------------------------------------------------------- server check

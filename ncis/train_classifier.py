@@ -462,5 +462,5 @@ def train(params, settings, device: torch.device, output: Path, checkpoint_folde
         return config
     eval_images = open_images(layout.id_train, eval_transform(benchmark), "prepare")
     examples = torch.stack([eval_images[i][0] for i in range(min(2, len(eval_images)))])
-    tracking.log_classifier_model(model.eval(), examples)  # model normalises itself: it takes [0, 1] images
+    tracking.log_classifier_model(model.eval(), examples, folder=output)  # model normalises itself: it takes [0, 1] images
     return config

@@ -243,9 +243,10 @@ def test_evaluate_runs_unchanged_on_an_imported_cifar100_classifier(cifar_checkp
 
 
 def test_the_import_is_an_mlflow_run_tagged_with_the_checkpoint(cifar_checkpoint, tmp_path, monkeypatch):
+    import mlflow
     from mlflow import MlflowClient
 
-    _, checkpoint = cifar_checkpoint
+    model, checkpoint = cifar_checkpoint
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "cifar100-import")
     monkeypatch.chdir(tmp_path)  # the store's artifacts go to ./mlruns
@@ -259,6 +260,15 @@ def test_the_import_is_an_mlflow_run_tagged_with_the_checkpoint(cifar_checkpoint
     assert run.data.tags["checkpoint_file"] == "cifar100_released.pt"
     assert run.data.tags["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert {a.path for a in client.list_artifacts(run.info.run_id, "classifier")} == {"classifier/config.json", "classifier/model.safetensors"}
+
+    # In the registry under the alias `paper`: the reference model's logits from [0, 1] images, without ncis.
+    version = client.get_model_version_by_alias("ncis-cifar100-classifier", "paper")
+    assert version.run_id == run.info.run_id and version.tags["checkpoint_sha256"] == run.data.tags["checkpoint_sha256"]
+    loaded = mlflow.pytorch.load_model("models:/ncis-cifar100-classifier@paper")
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALISATION["cifar100"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model((images - mean) / std), rtol=1e-4, atol=1e-4)
 
 
 def test_an_imported_classifier_is_evaluated_under_openood_too(cifar_checkpoint, tmp_path):
