@@ -13,7 +13,8 @@ its seven stage runs, `digits-none-monotone-seed0` with `train-classifier` and `
 `ncis compare` and the UI list both; then a `<name>/demo` run (tag `ncis.stage=demo`) carrying
 every evaluation metric of both classifiers as `ncis/<metric name>` and `no_outliers/<metric
 name>` (the evaluate run's names: `auroc/letters`, `auroc/average`, `auroc/val_average`,
-`id_accuracy`, ...) and the table as the artifact `comparison.txt`.
+`id_accuracy`, ...) and the table as the artifact `comparison.txt`. It ends with the command that
+opens them in the MLflow UI, on the runs table (`ncis ui`).
 
     python benchmarks/demo.py [--params FILE] [--set section.key=value ...] [--no-tracking]
 """
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -134,6 +137,14 @@ def demo(params, baseline, params_file: str | None) -> str:
     return table
 
 
+def ui_command(params_file: str | None) -> str:
+    """`ncis ui` as this interpreter's environment holds it (`.venv/bin/ncis ui` after `make demo`)."""
+    script = Path(sys.executable).with_name("ncis")
+    relative = os.path.relpath(script)
+    command = (script if relative.startswith("..") else relative) if script.is_file() else "ncis"
+    return shlex.join([str(command), "ui", *(["--params", params_file] if params_file else [])])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=None, metavar="FILE", help="parameter file (default: params.yaml)")
@@ -147,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         with exclusive_outputs(params.outputs, command="benchmarks/demo.py " + " ".join(sys.argv[1:] if argv is None else argv)):
             table = demo(params, baseline, args.params)
         print("\n" + table)
+        if params.tracking.enabled:
+            print(f"\nBoth pipelines in the MLflow UI, sorted by average AUROC: {ui_command(args.params)}")
         return 0
     except UserError as err:
         print(f"demo: error: {one_line(err)}", file=sys.stderr)

@@ -1,5 +1,6 @@
-"""`ncis` console script: one subcommand per pipeline stage, plus `run` (all of them) and
-`import-classifier` (the paper's released classifiers; ncis/import_classifier.py).
+"""`ncis` console script: one subcommand per pipeline stage, plus `run` (all of them),
+`import-classifier` (the paper's released classifiers; ncis/import_classifier.py), `compare`,
+`publish` and `ui` (the MLflow UI on the runs table; ncis/ui.py).
 
 A thin layer: parse arguments, load and validate params once, call the stage's `main`.
 """
@@ -10,7 +11,7 @@ import argparse
 import os
 import sys
 
-from ncis import distributed, publish
+from ncis import distributed, publish, ui
 from ncis.errors import UserError, one_line, unexpected
 from ncis.lock import exclusive_outputs
 from ncis.pipeline import STAGES
@@ -64,7 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--format", default="table", choices=["table", "csv", "markdown"], help="output format")
     publish_parser = sub.add_parser("publish", help="push the outputs dvc.lock records to a DVC remote (docs/dvc.md)")
     publish.add_arguments(publish_parser)
-    for parser_ in (compare, publish_parser):
+    ui_parser = sub.add_parser(
+        "ui", help="start the MLflow UI on the tracking store, opened on the runs table sorted by average AUROC",
+        description="Start `mlflow ui` on the store every stage logs to, wait until it answers, and print (and open, "
+        "where there is a display) the benchmark's runs table; Ctrl-C stops it (docs/tracking.md).",
+    )
+    ui.add_arguments(ui_parser)
+    for parser_ in (compare, publish_parser, ui_parser):
         parser_.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
@@ -111,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "publish":
             publish.main(args)
+            return 0
+        if args.command == "ui":
+            ui.main(args)
             return 0
         from ncis.config import load_params
 

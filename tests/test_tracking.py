@@ -8,7 +8,9 @@ where per-epoch metrics of the real train-cvpn and train-classifier are checked.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import html
 import io
 import json
@@ -16,12 +18,16 @@ import os
 import re
 import shlex
 import shutil
+import signal
+import socket
 import stat
 import subprocess
 import sys
 import time
 import tomllib
+import types
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -32,15 +38,17 @@ import yaml
 from mlflow import MlflowClient
 
 from ncis import compare as compare_module
-from ncis import pipeline, tracking
+from ncis import pipeline, publish, tracking
 from ncis.cli import main, parse_args
 from ncis.config import load_params
-from ncis.datasets import write_image_folder
+from ncis.datasets import get_benchmark, write_image_folder
 from ncis.errors import UserError
+from ncis.inputs import GROUP_TAG, stage_inputs
 from ncis.io import save_arrays
-from ncis.layout import layout_for
+from ncis.layout import Layout, layout_for
 from ncis.pipeline import STAGES
 from conftest import free_port
+from faults import Child, child_env
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT = {  # metrics.json as evaluate writes it
@@ -64,8 +72,8 @@ def make_params(outputs: Path, *overrides: str):
     return load_params(REPO / "params.yaml", [f"outputs={outputs}", *overrides])
 
 
-def tiny_classifier() -> torch.nn.Module:
-    torch.manual_seed(0)
+def tiny_classifier(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
     return torch.nn.Sequential(
         torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 10)
     )
@@ -108,6 +116,53 @@ def fake_stages(monkeypatch):
 
     monkeypatch.setattr(pipeline, "stage_function", stage_function)
     return calls, knobs
+
+
+def write_stage_inputs(outputs: Path, seed: int = 0) -> Layout:
+    """Every file and folder the stages read (ncis.inputs), tiny, as if earlier stages had written them;
+    every OOD set of the benchmark registry. Another seed writes other data."""
+    layout, benchmark = Layout(Path(outputs)), get_benchmark("digits")
+    rng = np.random.default_rng(seed)
+
+    def images(folder: Path, count: int, classes: int = 1) -> None:
+        write_image_folder(folder, rng.integers(0, 256, (count, 8, 8, 1), dtype=np.uint8), np.arange(count) % classes)
+
+    for folder in (layout.id_train, layout.id_test, layout.synthetic_images):
+        images(folder, 20, classes=10)
+    for name in benchmark.ood_sets:
+        images(layout.ood(name), 3)
+    for name in benchmark.validation_ood_sets:
+        images(layout.ood_val(name), 3)
+    save_arrays(layout.embeddings, embeddings=rng.normal(size=(20, 4)).astype(np.float32), labels=np.arange(20) % 10)
+    save_arrays(layout.outliers, outliers=rng.normal(size=(10, 2, 4)).astype(np.float32))
+    return layout
+
+
+def dvc_md5(path: Path) -> str:
+    """DVC's hash as `dvc add` and dvc.lock record it, recomputed here without DVC: the md5 of a file;
+    of a folder, the md5 of the sorted JSON list of its files' md5 and relative path, then ".dir"."""
+    if path.is_file():
+        return hashlib.md5(path.read_bytes()).hexdigest()
+    entries = sorted(
+        ({"md5": hashlib.md5(f.read_bytes()).hexdigest(), "relpath": f.relative_to(path).as_posix()} for f in path.rglob("*") if f.is_file()),
+        key=lambda entry: entry["relpath"],
+    )
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def datasets_of(run) -> dict[str, tuple[str, dict[str, str]]]:
+    """Dataset name -> (digest, input tags) of a run's inputs."""
+    return {d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}) for d in run.inputs.dataset_inputs}
+
+
+@pytest.fixture
+def local_store(tmp_path, monkeypatch) -> Path:
+    """MLflow's local default store in a fresh folder, made the working directory (no server)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "DVC_EXP_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return tmp_path
 
 
 def pipeline_runs(experiment: str, outputs: Path):
@@ -190,6 +245,9 @@ def test_experiment_opens_as_model_training_with_auroc_as_primary_metric(experim
     assert "metrics.`fpr95/average`" in state["selectedColumns"]
     url = f"{mlflow.get_tracking_uri()}/#/experiments/{found.experiment_id}/runs?viewStateShareKey=ncis&workflowType=machine_learning"
     assert url in capsys.readouterr().out
+    # `ncis ui` on a tracking server starts nothing: it prints the same link.
+    assert main(["ui", "--no-browser"]) == 0
+    assert capsys.readouterr().out == f"ui: runs table (sorted by average AUROC): {url}\n"
 
 
 @pytest.mark.slow
@@ -316,6 +374,234 @@ def test_real_training_stages_log_every_epoch_to_the_server(experiment, tmp_path
     assert history[-1].value == pytest.approx(classifier["train_stats"]["train/loss"])
     accuracy = client.get_metric_history(runs["train-classifier"].info.run_id, "train/accuracy")
     assert accuracy[-1].value == pytest.approx(classifier["train_stats"]["train/accuracy"])
+
+
+# ---------------------------------------------------------------- datasets, system metrics, registry aliases
+
+
+@pytest.mark.parametrize("overrides", [[], ["evaluate.score=knn", "classifier.outliers=none"]])
+def test_stage_inputs_come_from_the_layout_and_the_benchmark_registry_and_are_dvc_deps(overrides):
+    params = make_params(Path("outputs"), *overrides)  # dvc.yaml's ${outputs}
+    benchmark = get_benchmark("digits")
+    names = {stage: [i.name for i in stage_inputs(stage, params)] for stage in STAGES}
+    assert names["prepare"] == names["pretrain-classifier"] == []  # digits: pretrain.epochs 0, no phase 1
+    assert names["embed"] == ["data/train"]
+    assert names["train-cvpn"] == names["sample"] == ["embed/embeddings.npz"]
+    assert names["synthesize"] == ["sample/outliers.npz", "embed/embeddings.npz", "data/train"]
+    assert names["train-classifier"] == ["data/train", *([] if overrides else ["synthesize/images"])]
+    ood = [f"data/ood/{name}" for name in benchmark.ood_sets]
+    validation = [f"data/ood_val/{name}" for name in benchmark.validation_ood_sets]
+    assert ood and validation
+    assert names["evaluate"] == [*(["data/train"] if overrides else []), "data/test", *ood, *validation]  # knn fits on data/train
+    uses = {i.name: (i.context, i.tags) for i in stage_inputs("evaluate", params)}
+    assert uses["data/test"] == ("testing", {})
+    for name, group in benchmark.ood_sets.items():
+        assert uses[f"data/ood/{name}"] == ("testing", {GROUP_TAG: group})
+    for name, group in benchmark.validation_ood_sets.items():
+        assert uses[f"data/ood_val/{name}"] == ("validation", {GROUP_TAG: group})
+    # Each input is one of the stage's DVC deps, or inside one.
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for stage in STAGES:
+        deps = [(next(iter(d)) if isinstance(d, dict) else d).replace("${outputs}", "outputs") for d in stages[stage]["deps"]]
+        for data in stage_inputs(stage, params):
+            assert any(data.path.as_posix() == d or data.path.as_posix().startswith(d + "/") for d in deps), (stage, data.name, deps)
+
+
+@pytest.mark.slow
+def test_every_stage_run_lists_the_data_it_read_with_dvc_hashes_and_other_data_is_told_apart(local_store, fake_stages):
+    """Two pipelines on a local store, on the same data but for one OOD set: each stage run's
+    datasets are what ncis.inputs names, with the hash DVC records (recomputed here) as digest;
+    the pipeline run lists them all; only the changed set's digest differs between the two."""
+    first, second = write_stage_inputs(local_store / "a"), write_stage_inputs(local_store / "b")
+    changed = list(get_benchmark("digits").ood_sets)[-1]
+    shutil.rmtree(second.ood(changed))
+    write_image_folder(second.ood(changed), np.zeros((3, 8, 8, 1), np.uint8), np.zeros(3))
+    listed = {}
+    for layout in (first, second):
+        params = make_params(layout.root)
+        pipeline.run_pipeline(params, f"run-{layout.root.name}")
+        parent, children = pipeline_runs("digits", params.outputs)
+        union: dict = {}
+        for child in children:
+            expected = {
+                i.name: (dvc_md5(i.path), {"mlflow.data.context": i.context, **i.tags}) for i in stage_inputs(child.info.run_name, params)
+            }
+            assert datasets_of(child) == expected, child.info.run_name
+            union = {**expected, **union}  # a dataset's first use, as the pipeline run keeps it
+        assert datasets_of(parent) == union and len(union) > 5
+        listed[layout.root.name] = {name: digest for name, (digest, _) in union.items()}
+    a, b = listed["a"], listed["b"]
+    assert [name for name in a if a[name] != b[name]] == [f"data/ood/{changed}"]
+    (profile,) = [json.loads(d.dataset.profile) for d in parent.inputs.dataset_inputs if d.dataset.name == f"data/ood/{changed}"]
+    assert profile == {"files": 3, "bytes": sum(f.stat().st_size for f in second.ood(changed).rglob("*.png"))}
+
+
+class FakeNvml(types.SimpleNamespace):
+    """What MLflow's GPU monitor calls of NVIDIA's NVML bindings (pynvml): one GPU, 6 of 8 GB used, 42% busy."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self):
+        super().__init__(
+            nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 1, nvmlDeviceGetHandleByIndex=lambda i: i,
+            nvmlDeviceGetMemoryInfo=lambda handle: types.SimpleNamespace(used=6e9, total=8e9),
+            nvmlDeviceGetUtilizationRates=lambda handle: types.SimpleNamespace(gpu=42),
+            nvmlDeviceGetPowerUsage=lambda handle: 100_000, nvmlDeviceGetEnforcedPowerLimit=lambda handle: 400_000,
+        )
+
+
+@pytest.mark.slow
+def test_stage_runs_sample_system_metrics_also_in_seconds_and_gpu_ones_where_nvml_answers(local_store, monkeypatch):
+    from mlflow.system_metrics.metrics import gpu_monitor
+    from mlflow.tracking.fluent import run_id_to_system_metrics_monitor
+
+    nvml = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(gpu_monitor, "pynvml", nvml, raising=False)
+    intervals = []
+
+    def stage(params):  # a stage of a few seconds: MLflow's default interval (10 s) would sample nothing
+        monitor = run_id_to_system_metrics_monitor.get(tracking.current().run_id)
+        intervals.append(monitor and monitor.sampling_interval)
+        time.sleep(1.6 * tracking.SYSTEM_METRICS_INTERVAL_S)
+
+    monkeypatch.setattr(pipeline, "stage_function", lambda name: stage)
+    pipeline.run_pipeline(make_params(local_store / "out"), "sampled", first_stage="evaluate")
+    parent, (run,) = pipeline_runs("digits", str(local_store / "out"))
+    assert intervals == [tracking.SYSTEM_METRICS_INTERVAL_S]
+    metrics = run.data.metrics
+    assert 0 <= metrics["system/cpu_utilization_percentage"] <= 100 and metrics["system/system_memory_usage_megabytes"] > 0
+    assert metrics["system/gpu_0_memory_usage_megabytes"] == 6000 and metrics["system/gpu_0_utilization_percentage"] == 42
+    assert not [k for k in parent.data.metrics if k.startswith("system/")]  # its stages hold its share
+
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")  # MLflow's own switch is honoured
+    pipeline.run_stage("evaluate", make_params(local_store / "off"), "off")
+    (off,) = mlflow.search_runs(experiment_names=["digits"], filter_string="attributes.run_name = 'off/evaluate'", output_format="list")
+    assert intervals[-1] is None and not [k for k in off.data.metrics if k.startswith("system/")]
+
+
+@pytest.mark.slow
+def test_publish_points_the_published_alias_at_the_version_of_dvc_locks_classifier(local_store, monkeypatch, capsys):
+    """`ncis publish`'s registry step (the DVC push replaced by a no-op) in a project folder: the
+    version a pipeline registered, else a version made from the model a stage run of its own
+    (`dvc repro`) logged, and only a note where no run logged dvc.lock's classifier."""
+    shutil.copy(REPO / "params.yaml", local_store)  # outputs: outputs, as dvc.lock's paths
+    params = load_params(local_store / "params.yaml")
+    classifier = layout_for(params).classifier
+    monkeypatch.setattr(publish, "publish", lambda *args, **kwargs: [])
+    client = MlflowClient()
+
+    def save_and_log(seed: int) -> str:
+        shutil.rmtree(classifier, ignore_errors=True)
+        classifier.mkdir(parents=True)
+        (classifier / "config.json").write_text(json.dumps({"seed": seed}))
+        tracking.log_classifier_model(tiny_classifier(seed), torch.rand(4, 1, 8, 8), folder=classifier)
+        return dvc_md5(classifier)
+
+    def published(digest: str) -> tuple[int, str, str]:
+        lock = {"schema": "2.0", "stages": {"train-classifier": {"outs": [{"path": "outputs/classifier", "md5": digest}]}}}
+        (local_store / "dvc.lock").write_text(yaml.safe_dump(lock))
+        code = main(["publish"])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    with tracking.pipeline_run(params, "evaluated"):
+        with tracking.stage_run(params, "train-classifier"):
+            evaluated = save_and_log(1)
+        with tracking.stage_run(params, "evaluate"):
+            tracking.log_evaluation(REPORT)
+    with tracking.stage_run(params, "train-classifier", "repro"):  # as `dvc repro` runs it: registers nothing
+        reproduced = save_and_log(2)
+    assert [int(v.version) for v in client.search_model_versions("name = 'ncis-digits-classifier'")] == [1]
+
+    code, out, _ = published(evaluated)
+    assert code == 0 and f"publish: models:/ncis-digits-classifier@published is dvc.lock's outputs/classifier ({evaluated})" in out
+    assert int(client.get_model_version_by_alias("ncis-digits-classifier", "published").version) == 1
+
+    code, out, _ = published(reproduced)
+    version = client.get_model_version_by_alias("ncis-digits-classifier", "published")
+    assert code == 0 and int(version.version) == 2 and version.tags[tracking.CLASSIFIER_HASH_TAG] == reproduced
+    assert client.get_run(version.run_id).info.run_name == "repro/train-classifier"
+    images = torch.rand(3, 1, 8, 8)
+    torch.testing.assert_close(mlflow.pytorch.load_model("models:/ncis-digits-classifier@published")(images), tiny_classifier(2)(images))
+
+    code, _, err = published("0" * 32 + ".dir")  # logged by no run here
+    assert code == 0 and err.count("\n") == 1 and "publish: note: registry alias 'published' not set: no run in" in err
+    assert int(client.get_model_version_by_alias("ncis-digits-classifier", "published").version) == 2  # left as it was
+
+    assert published(evaluated)[0] == 0  # back to the pipeline's version, no new one
+    assert int(client.get_model_version_by_alias("ncis-digits-classifier", "published").version) == 1
+    assert len(client.search_model_versions("name = 'ncis-digits-classifier'")) == 2
+
+
+# ---------------------------------------------------------------- `ncis ui`
+
+
+def test_ui_refuses_in_one_line_without_a_store_an_experiment_or_a_free_port(local_store, capsys):
+    def refused(*argv: str) -> str:
+        assert main(["ui", "--no-browser", "--params", str(REPO / "params.yaml"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ncis: error: ") and err.count("\n") == 1
+        return err
+
+    assert f"no MLflow store at {local_store / 'mlflow.db'}; run the pipeline first" in refused()
+    assert not (local_store / "mlflow.db").exists()  # not created by asking
+    MlflowClient().create_experiment("other", artifact_location=(local_store / "mlruns").as_uri())
+    capsys.readouterr()  # MLflow's notes on creating the store
+    assert "no MLflow experiment 'digits' in sqlite:///" in refused()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert f"cannot serve on 127.0.0.1:{port}" in refused("--experiment", "other", "--port", str(port))
+
+
+@contextlib.contextmanager
+def serving_ui(store: Path, *argv: str) -> Iterator[tuple[Child, str]]:
+    """`ncis ui` in `store` (MLflow's default store there; no MLFLOW_* variable) and the link it
+    prints; whatever it started is killed at the end, should the test fail first."""
+    import psutil
+
+    child = Child(["ui", "--no-browser", "--port", str(free_port()), *argv], store, env=child_env())
+    try:
+        child.wait_for(r"Ctrl-C stops it", timeout=240)
+        (url,) = re.findall(r"ui: runs table \(sorted by average AUROC\): (\S+)", child.output)
+        yield child, url
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for process in psutil.Process(child.process.pid).children(recursive=True):
+                process.kill()
+        child.kill()
+
+
+def stop_ui(child: Child) -> None:
+    """Ctrl-C: exit 0, and the server and every process it started are gone."""
+    import psutil
+
+    started = psutil.Process(child.process.pid).children(recursive=True)
+    assert started, "no server process"
+    assert child.signal(signal.SIGINT)
+    assert child.wait(60) == 0 and "ui: MLflow UI stopped" in child.output
+    _, alive = psutil.wait_procs(started, timeout=5)
+    for process in alive:
+        process.kill()
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+
+
+@pytest.mark.slow
+def test_ui_serves_the_local_store_on_the_runs_view_and_ctrl_c_stops_it_all(local_store):
+    import requests
+
+    experiment = MlflowClient().create_experiment("digits", artifact_location=(local_store / "mlruns").as_uri())
+    with serving_ui(local_store, "--params", str(REPO / "params.yaml")) as (child, url):
+        address = url.split("/#/")[0]
+        assert url == f"{address}/#/experiments/{experiment}/runs?viewStateShareKey=ncis&workflowType=machine_learning"
+        answer = requests.get(f"{address}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": "digits"}, timeout=30)
+        assert answer.json()["experiment"]["experiment_id"] == experiment  # this folder's store
+        stop_ui(child)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{address}/health", timeout=5)
 
 
 # ---------------------------------------------------------------- run names
@@ -605,7 +891,7 @@ def test_conda_env_installs_the_package_with_pyproject_dependencies():
 
 
 def browse(
-    chromium: str, url: str, profile: Path, screenshot: Path | None = None, expect: tuple[str, ...] = (), height: int = 1000
+    chromium: str, url: str, profile: Path, screenshot: Path | None = None, expect: tuple[str, ...] = (), height: int = 1000, width: int = 1600
 ) -> str:
     """The DOM of `url` after the single-page app has rendered (or a screenshot of it), in headless
     Chromium. --virtual-time-budget lets the app's requests and timers run before the dump; a
@@ -613,7 +899,7 @@ def browse(
     command = [
         chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-        f"--user-data-dir={profile}", f"--window-size=1600,{height}",
+        f"--user-data-dir={profile}", f"--window-size={width},{height}",
     ]
     dom = ""
     for budget in (20_000, 40_000, 80_000):
@@ -642,43 +928,52 @@ def where(name: str, text: str) -> int:
 
 
 @pytest.mark.slow
-def test_mlflow_ui_shows_both_pipelines_names_and_average_auroc(
-    experiment, fake_stages, chromium, tmp_path, monkeypatch, request
-):
-    """Two `ncis run`s (fake stages, real tracking) that differ in cvpn.lr, seen in the MLflow UI:
-    the experiment's runs table (the view ncis prints a link to) and the compare-runs page."""
+def test_mlflow_ui_shows_both_pipelines_names_and_average_auroc(local_store, fake_stages, chromium, capsys, request):
+    """Two `ncis run`s (fake stages, real tracking to MLflow's local default store) that differ in
+    cvpn.lr, seen in the MLflow UI `ncis ui` starts: the page it prints (the runs table), the best
+    pipeline's run page with the datasets its stages read, and the compare-runs page."""
     _, knobs = fake_stages
-    monkeypatch.chdir(REPO)
-    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    params_file = str(REPO / "params.yaml")
     for outputs, lr, auroc in [("a", None, 0.655), ("b", "0.01", 0.612)]:
+        write_stage_inputs(local_store / outputs)
         knobs["report"] = {**REPORT, "average": {**REPORT["average"], "auroc": auroc}}
-        overrides = ["--set", f"outputs={tmp_path / outputs}", *(["--set", f"cvpn.lr={lr}"] if lr else [])]
+        overrides = ["--params", params_file, "--set", f"outputs={local_store / outputs}", *(["--set", f"cvpn.lr={lr}"] if lr else [])]
         assert main(["run", *overrides]) == 0
+    assert "ncis: runs table (sorted by average AUROC): run `ncis ui --experiment digits`" in capsys.readouterr().out
     names = ["digits-cvpn-monotone-seed0", "digits-cvpn-monotone-seed0-cvpn.lr=0.01"]
-    runs = mlflow.search_runs(
-        experiment_names=[experiment], filter_string="tags.`ncis.stage` = 'pipeline'", output_format="list"
-    )
-    assert sorted(r.info.run_name for r in runs) == names
+    runs = mlflow.search_runs(experiment_names=["digits"], filter_string="tags.`ncis.stage` = 'pipeline'", output_format="list")
+    runs.sort(key=lambda run: run.info.run_name)
+    assert [r.info.run_name for r in runs] == names
     experiment_id = runs[0].info.experiment_id
-    shots = tmp_path / "screenshots"
+    shots = local_store / "screenshots"
     shots.mkdir()
+    profile = local_store / "profile"
 
-    runs_table = tracking.runs_table_url(experiment_id)
-    dom = browse(chromium, runs_table, tmp_path / "profile", shots / "mlflow-runs.png", expect=(*names, "0.655", "0.612"))
-    text = visible_text(dom)
-    for shown in (*names, "auroc/average", "0.655", "0.612", "2 matching runs"):  # pipelines only
-        assert shown in text, f"{shown!r} not on {runs_table}"
-    assert where(names[0], text) < where(names[1], text)  # sorted by average AUROC, best first
+    with serving_ui(local_store, "--params", params_file) as (child, runs_table):
+        # Wide: the grid renders only the columns in view, and MLflow's assistant panel takes a third.
+        dom = browse(chromium, runs_table, profile, shots / "mlflow-runs.png", expect=(*names, "0.655", "0.612"), width=2200)
+        text = visible_text(dom)
+        for shown in (*names, "auroc/average", "fpr95/average", "0.655", "0.612", "2 matching runs", "Dataset", "data/train"):
+            assert shown in text, f"{shown!r} not on {runs_table}"  # pipelines only, with the data they read
+        assert where(names[0], text) < where(names[1], text)  # sorted by average AUROC, best first
 
-    ids = json.dumps([r.info.run_id for r in runs], separators=(",", ":"))
-    compare_page = (
-        f"{mlflow.get_tracking_uri()}/#/compare-runs?runs={ids}&experiments=[\"{experiment_id}\"]&workflowType=machine_learning"
-    )
-    shot = shots / "mlflow-compare.png"
-    dom = browse(chromium, compare_page, tmp_path / "profile", shot, expect=(*names, "0.655", "0.612"), height=1900)
-    text = visible_text(dom)
-    for shown in (*names, "cvpn.lr", "auroc/average", "0.655", "0.612"):
-        assert shown in text, f"{shown!r} not on {compare_page}"
+        # The run page: the first dataset its stages read, with DVC's hash as digest, then how many more.
+        address = runs_table.split("/#/")[0]
+        run_page = f"{address}/#/experiments/{experiment_id}/runs/{runs[0].info.run_id}?workflowType=machine_learning"
+        datasets = datasets_of(runs[0])
+        shown = (f"data/train ({datasets['data/train'][0]})", f"+{len(datasets) - 1}")
+        dom = browse(chromium, run_page, profile, shots / "mlflow-run-datasets.png", expect=shown, height=1300)
+        text = visible_text(dom)
+        for name in (names[0], "Datasets", *shown):
+            assert name in text, f"{name!r} not on {run_page}"
+
+        ids = json.dumps([r.info.run_id for r in runs], separators=(",", ":"))
+        compare_page = f"{address}/#/compare-runs?runs={ids}&experiments=[\"{experiment_id}\"]&workflowType=machine_learning"
+        dom = browse(chromium, compare_page, profile, shots / "mlflow-compare.png", expect=(*names, "0.655", "0.612"), height=1900)
+        text = visible_text(dom)
+        for shown in (*names, "cvpn.lr", "auroc/average", "0.655", "0.612"):
+            assert shown in text, f"{shown!r} not on {compare_page}"
+        stop_ui(child)
 
     keep = request.config.getoption("--ui-screenshots")
     if keep:
