@@ -976,6 +976,6 @@ def test_mlflow_ui_shows_both_pipelines_names_and_average_auroc(local_store, fak
         stop_ui(child)
 
     keep = request.config.getoption("--ui-screenshots")
-    if keep:
+    if keep:  # relative to where pytest was started: this test works in its own folder
         for shot in shots.iterdir():
-            shutil.copy(shot, Path(keep) / shot.name)
+            shutil.copy(shot, request.config.invocation_params.dir / keep / shot.name)
