@@ -270,6 +270,7 @@ def main() -> None:
         [f"--seeds {' '.join(map(str, args.seeds))}", f"--variants {' '.join(args.variants)}"]
         + ([f"--heads {' '.join(args.heads)}"] if args.heads != [None] else [])
         + [f"--set {o}" for o in args.overrides]
+        + ([f"--base {args.base}"] if args.base else [])
         + (["--readme"] if args.readme else [])
     )
     baseline = next((key for key in reports if key[0] == "none"), None)
