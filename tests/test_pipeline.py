@@ -8,7 +8,9 @@ import pytest
 
 from conftest import TINY_PIPELINE
 from recompute import METRICS, assert_metrics_recompute
+from ncis import tracking
 from ncis.cli import main
+from ncis.inputs import stage_inputs
 from ncis.pipeline import STAGES
 
 
@@ -42,8 +44,13 @@ def test_ncis_run_goes_from_nothing_to_metrics_and_tracks_every_stage(tmp_path, 
     assert set(children) == set(STAGES)
     assert all(r.info.status == "FINISHED" for r in runs)
     assert children["train-cvpn"].data.params["cvpn.epochs"] == "2"
-    # evaluate's MLflow metrics: exactly docs/contract.md's names ("MLflow names"), with metrics.json's values.
-    logged = children["evaluate"].data.metrics
+    # evaluate's MLflow metrics: exactly docs/contract.md's names ("MLflow names"), with metrics.json's values,
+    # beside MLflow's system metrics; its datasets: what ncis.inputs names, each with DVC's hash.
+    logged = {k: v for k, v in children["evaluate"].data.metrics.items() if not k.startswith("system/")}
+    datasets = {d.dataset.name: d.dataset.digest for d in children["evaluate"].inputs.dataset_inputs}
+    expected = stage_inputs("evaluate", load_params(overrides=[f"outputs={outputs}"]))
+    assert datasets == {i.name: tracking.dvc_hashes([i.path])[i.path][0] for i in expected}
+    assert "system/cpu_utilization_percentage" in children["prepare"].data.metrics  # prepare trains for seconds
     wanted = {"id_accuracy": report["id_accuracy"]}
     for name, entry in [*report["ood"].items(), ("average", report["average"])] + [(f"average_{g}", e) for g, e in report["groups"].items()]:
         wanted.update({f"{metric}/{name}": entry[metric] for metric in METRICS})
