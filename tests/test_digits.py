@@ -387,7 +387,7 @@ def test_evaluate_reports_validation_sets_apart_from_the_test_sets(tmp_path, mon
 
     block = metrics["validation"]
     assert set(block) == {"ood", "average", "groups"}
-    assert list(block["ood"]) == list(BENCHMARK.validation_ood_sets) and list(block["groups"]) == ["near", "far"]
+    assert list(block["ood"]) == list(BENCHMARK.validation_ood_sets) and list(block["groups"]) == ["near", "far", "stats"]
     assert block["ood"]["rotated"]["group"] == "near" and block["ood"]["noise"]["group"] == "far"
     # Validation sets that are the ID test images themselves are indistinguishable from them, the
     # bright test noise is not: each block holds its own sets' numbers.
