@@ -135,7 +135,7 @@ def main(params: Params) -> dict:
     pipe.unet = compiled(pipe.unet, params.compile)
     side = resolution(pipe)
     mode = "RGB" if image_channels(pipe) == 3 else "L"
-    images_folder = layout.id_train_originals if benchmark.keeps_originals else layout.id_train
+    images_folder = benchmark.original_train_images(layout)
     dataset = image_folder(
         images_folder,
         transform=transforms.Compose(

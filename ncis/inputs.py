@@ -42,12 +42,9 @@ def stage_inputs(stage: str, params) -> list[DataInput]:
     def data(path: Path, context: str, **tags: str) -> DataInput:
         return DataInput(path.relative_to(layout.root).as_posix(), path, context, tags)
 
-    # ImageNet-100 embeds its original files (embed.py) and crops them when trained with resized_crop
-    # (train_classifier.py); the other benchmarks keep no originals.
-    originals = layout.id_train_originals if benchmark.keeps_originals else layout.id_train
-    classifier_train = originals if params.classifier.augment == "resized_crop" else layout.id_train
+    classifier_train = benchmark.classifier_train_images(layout, params.classifier.augment)
     if stage == "embed":
-        return [data(originals, TRAINING)]
+        return [data(benchmark.original_train_images(layout), TRAINING)]
     if stage in ("train-cvpn", "sample"):
         return [data(layout.embeddings, TRAINING)]
     if stage == "synthesize":

@@ -356,10 +356,7 @@ def train(params, settings, device: torch.device, output: Path, checkpoint_folde
     seed_everything(params.seed)
 
     # 1. Data and model
-    # Random resized crops come from the original photographs where the benchmark keeps them
-    # (ImageNet-100, as train_ood_det_in100.py:124-131 crops the originals), not from the stored crops.
-    originals = settings.augment == "resized_crop" and benchmark.keeps_originals
-    id_folder = layout.id_train_originals if originals else layout.id_train
+    id_folder = benchmark.classifier_train_images(layout, settings.augment)  # ImageNet-100's crops: of the originals
     id_train = open_images(id_folder, train_transform(benchmark, settings.augment), "prepare")
     outliers = outlier_dataset(settings, params.seed, layout, benchmark)
     model, mean, std = build_model(settings, params.seed, layout, benchmark, device)

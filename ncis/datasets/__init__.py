@@ -67,6 +67,17 @@ class Benchmark:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def original_train_images(self, layout) -> Path:
+        """The training images as the benchmark's sources hold them, which `embed` inverts:
+        `Layout.id_train_originals` where the benchmark keeps them, else `Layout.id_train`."""
+        return layout.id_train_originals if self.keeps_originals else layout.id_train
+
+    def classifier_train_images(self, layout, augment: str) -> Path:
+        """The ID images the classifier trains on: random resized crops (`resized_crop`) come from the
+        original files where the benchmark keeps them (ImageNet-100, as train_ood_det_in100.py:124-131
+        crops the originals), every other augmentation from `Layout.id_train`."""
+        return self.original_train_images(layout) if augment == "resized_crop" else layout.id_train
+
 
 def prompt_words(text: str) -> list[str]:
     """Lower-cased runs of letters and digits: the words a CLIP-style tokenizer splits a prompt into."""
