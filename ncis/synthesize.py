@@ -187,11 +187,11 @@ def main(params: Params) -> dict:
     side = min(settings.save_size, 32)
     id_images, id_labels = load_images(layout.id_train, benchmark.channels, side, limit=DIAGNOSTIC_IMAGES, seed=params.seed)
     small = lambda x: _to_uint8(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255, side, antialias=True)  # noqa: E731
-    small_images = small(images)
+    small_images, small_control = small(images), small(control)
     classifier = diagnostics.fit_pixel_classifier(id_images, id_labels, params.seed)
     report = {
         "outlier_in_class_fraction": diagnostics.in_class_fraction(classifier, small_images, labels),
-        "control_in_class_fraction": diagnostics.in_class_fraction(classifier, small(control), control_labels),
+        "control_in_class_fraction": diagnostics.in_class_fraction(classifier, small_control, control_labels),
         "outlier_mahalanobis_ratio": diagnostics.mahalanobis_ratio(embedded["embeddings"], embedded["labels"], outliers),
         "outlier_diversity": diagnostics.pairwise_diversity(images, labels),
         "control_diversity": diagnostics.pairwise_diversity(control, control_labels),
@@ -199,7 +199,7 @@ def main(params: Params) -> dict:
         if len(paired)
         else float("nan"),
         **{f"outlier_{k}": v for k, v in diagnostics.statistics_shift(id_images, small_images).items()},
-        **{f"control_{k}": v for k, v in diagnostics.statistics_shift(id_images, small(control)).items()},
+        **{f"control_{k}": v for k, v in diagnostics.statistics_shift(id_images, small_control).items()},
         "images": int(len(images)),
     }
 
