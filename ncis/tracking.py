@@ -188,6 +188,10 @@ class MlflowRun(Run):
         self.classifier_uri: str | None = None
         self.classifier_hash: str | None = None
 
+    def with_parent(self) -> tuple[MlflowRun, ...]:
+        """This run, and the pipeline run it is a stage of: what a stage logs for the pipeline too."""
+        return (self, self.parent) if self.parent else (self,)
+
     @_best_effort
     def log_metrics(self, metrics, step=None):
         import mlflow
@@ -197,7 +201,7 @@ class MlflowRun(Run):
             mlflow.log_metrics(values, step=step, run_id=self.run_id)
 
     def log_summary(self, metrics):
-        for run in (self, self.parent) if self.parent else (self,):
+        for run in self.with_parent():
             run.log_metrics(metrics)
             run.summary.update({k: float(v) for k, v in metrics.items() if v is not None})
 
@@ -253,7 +257,7 @@ class MlflowRun(Run):
         digest = dvc_hashes([folder])[folder][0] if folder is not None else None
         if digest:
             self.set_tags({CLASSIFIER_HASH_TAG: digest})
-        for run in (self, self.parent) if self.parent else (self,):
+        for run in self.with_parent():
             run.classifier_uri, run.classifier_hash = info.model_uri, digest
         return info
 
@@ -273,7 +277,7 @@ class MlflowRun(Run):
             for i in present
         ]
         if logged:
-            for run in (self, self.parent) if self.parent else (self,):
+            for run in self.with_parent():
                 MlflowClient().log_inputs(run.run_id, datasets=logged)
 
     @_best_effort
